@@ -131,8 +131,12 @@ class SlidingWindowCache:
     def is_trimmable(self) -> bool:
         return True
 
+    def can_trim(self, n: int) -> bool:
+        """Before the ring wraps every position is still stored; after, only `slack` can go."""
+        return self.offset <= self.capacity or n <= self.slack
+
     def trim(self, n: int) -> int:
-        if n > self.slack:
+        if not self.can_trim(n):
             raise ValueError(f"cannot roll back {n} tokens with a slack of {self.slack}")
         n = min(self.offset, n)
         self.offset -= n

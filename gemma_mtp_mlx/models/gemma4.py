@@ -331,9 +331,19 @@ class Model(nn.Module):
         logits = self.logits(hidden)
         return (logits, hidden) if return_hidden else logits
 
-    # -- the K/V the drafter reads in place (spec §3.1) -------------------------------------
-    def drafter_kv_layers(self) -> dict[str, int]:
-        return {t: self.args.store_layer(t) for t in (SLIDING, FULL)}
+    def drafter_kv(self, cache: list, window: int) -> dict[str, tuple]:
+        """The K/V the drafter attends to, read in place from the caches of the last sliding and
+        the last full layer: every committed position for full attention, the last `window + 1`
+        for sliding attention (transformers' assistant mask, spec §3.4)."""
+        offset = cache[0].offset
+        sliding = cache[self.args.store_layer(SLIDING)]
+        keys, values = sliding.visible()
+        mask = None
+        if offset > window + 1:
+            last = mx.array([offset - 1])
+            mask = window_mask(last, sliding.key_positions(), window + 1)
+        full_keys, full_values = cache[self.args.store_layer(FULL)].keys_and_values()
+        return {SLIDING: (keys, values, mask), FULL: (full_keys, full_values, None)}
 
     @property
     def layers(self):

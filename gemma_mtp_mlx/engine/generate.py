@@ -1,0 +1,116 @@
+"""`generate`: prompt -> streamed chunks of text and token ids, plain or speculative."""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..errors import GemmaChatError
+from .context import Context
+from .sampling import SamplerSettings, ban_bias, probabilities, sample
+from .speculative import KeyStream, run_round
+from .stats import GenerationStats
+
+DEFAULT_DRAFT_TOKENS = 3
+# Every PROBE_EVERY-th round drafts nothing: a plain decode step, timed as the measured baseline.
+PROBE_EVERY = 16
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    finish_reason: str | None = None  # "stop" (end of sequence) or "length" on the last chunk
+
+
+def encode_prompt(tokenizer, prompt, *, raw: bool = False, system: str | None = None) -> list[int]:
+    """A string (chat-templated unless `raw`), a list of chat messages, or token ids."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, str) and raw:
+        return tokenizer.encode(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    if tokenizer.chat_template is None:
+        raise GemmaChatError("this tokenizer has no chat template; use --raw")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def generate(
+    pair,
+    prompt,
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    mtp: bool = True,
+    draft_tokens: int | None = None,
+    ignore_eos: bool = False,
+    raw: bool = False,
+    context: Context | None = None,
+) -> Iterator[Chunk]:
+    """Stream the answer to `prompt`. With `mtp` and a drafter, speculative rounds of
+    `draft_tokens` drafts; the tokens are the target's own either way (greedy: identical to
+    plain decoding; sampling: distributed as the target's). `context` carries a KV cache over
+    from earlier prompts (a chat); only the tokens after the common prefix are prefilled."""
+    tokens = encode_prompt(pair.tokenizer, prompt, raw=raw)
+    drafter = pair.drafter if mtp else None
+    k = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens)
+    if k < 0:
+        raise GemmaChatError("draft tokens must be 0 or more")
+    ctx = context or Context(pair.target, slack=max(64, k + 2))
+    if k + 2 > ctx.slack:
+        raise GemmaChatError(f"at most {ctx.slack - 2} draft tokens with this context")
+    settings = SamplerSettings(temperature, top_k, top_p)
+    eos = set(pair.tokenizer.eos_token_ids)
+    bias = ban_bias(pair.target.args.vocab_size, sorted(eos)) if ignore_eos else None
+    keys = KeyStream(seed)
+    stats = GenerationStats(context_tokens=len(ctx.tokens))
+    mx.reset_peak_memory()
+
+    start = time.perf_counter()
+    logits, hidden, stats.prompt_tokens = ctx.prefill(tokens)
+    logits = logits[0, 0] if bias is None else logits[0, 0] + bias
+    first = mx.argmax(logits) if settings.greedy else sample(probabilities(logits, settings), keys())
+    token = first.reshape(1, 1)
+    new = [token.item()]
+    stats.prefill_seconds = time.perf_counter() - start
+
+    detok = pair.tokenizer.detokenizer
+    detok.reset()
+    emitted: list[int] = []
+    rounds = 0
+    while True:
+        stop_at = None if ignore_eos else next((i for i, t in enumerate(new) if t in eos), None)
+        finish = None
+        if stop_at is not None:
+            finish = "stop"
+            ctx.rewind(len(new) - 1 - stop_at)  # tokens after the end of sequence never count
+            new = new[: stop_at + 1]
+        elif len(emitted) + len(new) >= max_tokens:
+            finish = "length"
+            ctx.rewind(len(emitted) + len(new) - max_tokens)
+            new = new[: max_tokens - len(emitted)]
+        emitted += new
+        stats.generated_tokens = len(emitted)
+        stats.peak_memory_bytes = mx.get_peak_memory()
+        for t in new:
+            detok.add_token(t)
+        if finish:
+            detok.finalize()
+            yield Chunk(detok.last_segment, new, stats, finish)
+            return
+        yield Chunk(detok.last_segment, new, stats)
+
+        # Every PROBE_EVERY-th round is a plain step: the measured baseline (see stats.py).
+        probe = k and rounds % PROBE_EVERY == PROBE_EVERY - 1
+        round_k = 0 if probe else min(k, max_tokens - len(emitted) - 1)
+        result = run_round(ctx, drafter, token, hidden, round_k, settings, bias, keys)
+        stats.add_round(result.stats)
+        rounds += 1
+        new, token, hidden = result.tokens, result.token, result.hidden

@@ -1,0 +1,56 @@
+"""Logits -> token distributions, applied identically to the target and the drafter.
+
+Exact speculative sampling needs the drafter's *actual* proposal distribution q, so drafts are
+sampled from `probabilities(...)` of the drafter's logits with the very same settings that turn
+the target's logits into p (spec pitfall 18).
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def ban_bias(vocab: int, banned: list[int]) -> mx.array | None:
+    """An additive logit bias that makes `banned` ids (end-of-sequence under --ignore-eos)
+    impossible; built once per generation, added to target and drafter logits alike."""
+    if not banned:
+        return None
+    bias = mx.zeros((vocab,), dtype=mx.float32)
+    bias[mx.array(banned)] = -mx.inf
+    return bias
+
+
+def probabilities(logits: mx.array, s: SamplerSettings) -> mx.array:
+    """fp32 probabilities after temperature, top-k and top-p (nucleus) filtering."""
+    logits = logits.astype(mx.float32) / s.temperature
+    vocab = logits.shape[-1]
+    if 0 < s.top_k < vocab:
+        kth = mx.sort(logits, axis=-1)[..., vocab - s.top_k][..., None]
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    probs = mx.softmax(logits, axis=-1)
+    if s.top_p < 1.0:
+        order = mx.argsort(-probs, axis=-1)
+        sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
+        before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep_sorted = before < s.top_p
+        keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+        probs = mx.where(keep, probs, 0.0)
+        probs = probs / probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def sample(probs: mx.array, key: mx.array) -> mx.array:
+    """One token id per row of `probs` (zero-probability tokens are never drawn)."""
+    return mx.random.categorical(mx.log(probs), axis=-1, key=key)

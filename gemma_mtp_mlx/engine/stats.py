@@ -1,0 +1,110 @@
+"""Counters for one answer: rounds, drafts, acceptance by position, time split, throughput.
+
+Every figure is measured on this run. The baseline (plain decode tok/s) comes from rounds that
+drafted nothing (K = 0), which are exactly plain decode steps of the same model on the same
+machine at the same context length.
+"""
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoundStats:
+    drafted: int
+    accepted: int
+    emitted: int
+    draft_seconds: float
+    verify_seconds: float
+    seconds: float
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    context_tokens: int = 0
+    generated_tokens: int = 0
+    decoded_tokens: int = 0  # emitted by rounds (the first token comes from the prefill)
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    accepted_by_position: list[int] = field(default_factory=list)
+    drafted_by_position: list[int] = field(default_factory=list)
+    plain_step_seconds: list[float] = field(default_factory=list)
+    peak_memory_bytes: int = 0
+
+    def add_round(self, r: RoundStats) -> None:
+        self.rounds += 1
+        self.drafted += r.drafted
+        self.accepted += r.accepted
+        self.decoded_tokens += r.emitted
+        self.draft_seconds += r.draft_seconds
+        self.verify_seconds += r.verify_seconds
+        self.decode_seconds += r.seconds
+        grow = r.drafted - len(self.drafted_by_position)
+        if grow > 0:
+            self.drafted_by_position += [0] * grow
+            self.accepted_by_position += [0] * grow
+        for i in range(r.drafted):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += int(i < r.accepted)
+        if r.drafted == 0:
+            self.plain_step_seconds.append(r.seconds)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per target forward."""
+        return self.decoded_tokens / self.rounds if self.rounds else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Decode speed, prefill excluded."""
+        return self.decoded_tokens / self.decode_seconds if self.decode_seconds > 0 else None
+
+    @property
+    def baseline_tokens_per_second(self) -> float | None:
+        """Plain decode speed measured in this run (median of the K = 0 rounds)."""
+        if not self.plain_step_seconds:
+            return None
+        return 1.0 / statistics.median(self.plain_step_seconds)
+
+    @property
+    def speedup(self) -> float | None:
+        tps, base = self.tokens_per_second, self.baseline_tokens_per_second
+        return tps / base if tps and base else None
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / d for a, d in zip(self.accepted_by_position, self.drafted_by_position) if d]
+
+    def as_dict(self) -> dict:
+        def r(x, n=4):
+            return None if x is None else round(x, n)
+
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "context_tokens": self.context_tokens,
+            "generated_tokens": self.generated_tokens,
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": r(self.acceptance_rate),
+            "mean_accepted_length": r(self.mean_accepted_length),
+            "acceptance_by_position": [round(a, 4) for a in self.acceptance_by_position],
+            "tokens_per_second": r(self.tokens_per_second, 2),
+            "baseline_tokens_per_second": r(self.baseline_tokens_per_second, 2),
+            "speedup": r(self.speedup, 3),
+            "prefill_seconds": r(self.prefill_seconds),
+            "draft_seconds": r(self.draft_seconds),
+            "verify_seconds": r(self.verify_seconds),
+            "other_seconds": r(self.decode_seconds - self.draft_seconds - self.verify_seconds),
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
