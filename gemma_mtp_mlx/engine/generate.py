@@ -25,8 +25,11 @@ class Chunk:
     finish_reason: str | None = None  # "stop" (end of sequence) or "length" on the last chunk
 
 
-def encode_prompt(tokenizer, prompt, *, raw: bool = False, system: str | None = None) -> list[int]:
-    """A string (chat-templated unless `raw`), a list of chat messages, or token ids."""
+def encode_prompt(
+    tokenizer, prompt, *, raw: bool = False, system: str | None = None, think: bool = False
+) -> list[int]:
+    """A string (chat-templated unless `raw`), a list of chat messages, or token ids.
+    Thinking is passed explicitly: mlx-lm's wrapper would switch it on for Gemma 4 otherwise."""
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if isinstance(prompt, str) and raw:
@@ -36,7 +39,11 @@ def encode_prompt(tokenizer, prompt, *, raw: bool = False, system: str | None = 
         messages.insert(0, {"role": "system", "content": system})
     if tokenizer.chat_template is None:
         raise GemmaChatError("this tokenizer has no chat template; use --raw")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, enable_thinking=think
+        )
+    )
 
 
 def generate(
