@@ -8,13 +8,14 @@ Memory estimate (per alias, at 8192 tokens of context) = target weights + drafte
 * Architecture numbers: `shared/spec/gemma4-mtp.md` §0.1 (targets: the `_VARIANTS` of HF's
   `convert_gemma4_weights.py`, defaults from `Gemma4TextConfig`) and §0.2 (assistants).
 * Parameter counts are derived from that table, text decoder only: the loader drops the vision and
-  audio towers, so they take no memory here. Derived totals: E2B 4.65 B (of which the per-layer
-  embedding table 2.35 B), E4B 7.52 B (PLE table 2.82 B), 26B-A4B 25.23 B, 31B 30.70 B. Model cards
-  say 5.1 B / 8 B for E2B / E4B because they count the vision and audio encoders; 25.2 B and 30.7 B
-  for 26B-A4B and 31B agree with the derivation.
+  audio towers, so they take no memory here. Derived totals: E2B 4.63 B (of which the per-layer
+  embedding table 2.35 B), E4B 7.46 B (PLE table 2.82 B), 26B-A4B 25.23 B, 31B 30.70 B. Model cards
+  say 5.1 B / 8 B for E2B / E4B because they also count the vision and audio encoders (their
+  "2.3 B effective" for E2B is the derived total less the PLE table); 25.2 B and 30.7 B for
+  26B-A4B and 31B agree with the derivation.
 * Drafters are derived from §0.2 (tied [262144, H_d] embedding, pre/post projections between drafter
-  and backbone width, 4 query-only layers): E2B 77.7 M, E4B 78.8 M (a public load probe measured
-  78.5 M), 26B-A4B 419.7 M, 31B 469.5 M parameters. They are published in bf16 only.
+  and backbone width, 4 query-only layers, centroids on E2B/E4B): E2B 77.7 M, E4B 78.5 M (as a public
+  load probe measured), 26B-A4B 419.7 M, 31B 469.5 M parameters. They are published in bf16 only.
 * Bytes: bf16 = 2 bytes per parameter; MLX affine 4-bit with group size 64 = 4 bits plus a bf16 scale
   and bias per 64 weights = 4.5 bits per parameter (norms and the 8-bit MoE router are < 0.1 % and
   counted at the same rate). KV cache in bf16; KV-shared layers store nothing; full layers keep every
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -82,20 +84,41 @@ class Arch:
     drafter_layers: int = 4
 
     def layer_types(self) -> list[str]:
-        return [
-            "full" if (i + 1) % self.full_every == 0 else "sliding" for i in range(self.layers)
-        ]
+        return ["full" if (i + 1) % self.full_every == 0 else "sliding" for i in range(self.layers)]
 
 
 ARCHS: dict[str, Arch] = {
-    "E2B": Arch("E2B", 1536, 35, 5, 8, 1, 1, False, 512, 6144, True, 20, 256, 0, 0,
-                256, 2048, 4, 2048),
-    "E4B": Arch("E4B", 2560, 42, 6, 8, 2, 2, False, 512, 10240, False, 18, 256, 0, 0,
-                256, 2048, 4, 2048),
-    "26B-A4B": Arch("26B-A4B", 2816, 30, 6, 16, 8, 2, True, 1024, 2112, False, 0, 0, 128, 704,
-                    1024, 8192, 16, 0),
-    "31B": Arch("31B", 5376, 60, 6, 32, 16, 4, True, 1024, 21504, False, 0, 0, 0, 0,
-                1024, 8192, 32, 0),
+    arch.name: arch
+    for arch in (
+        Arch(
+            name="E2B", hidden=1536, layers=35, full_every=5, heads=8,
+            kv_heads_sliding=1, kv_heads_full=1, k_eq_v=False, sliding_window=512,
+            intermediate=6144, double_wide_shared=True, kv_shared_layers=20, ple_dim=256,
+            experts=0, moe_intermediate=0,
+            drafter_hidden=256, drafter_intermediate=2048, drafter_heads=4, drafter_centroids=2048,
+        ),
+        Arch(
+            name="E4B", hidden=2560, layers=42, full_every=6, heads=8,
+            kv_heads_sliding=2, kv_heads_full=2, k_eq_v=False, sliding_window=512,
+            intermediate=10240, double_wide_shared=False, kv_shared_layers=18, ple_dim=256,
+            experts=0, moe_intermediate=0,
+            drafter_hidden=256, drafter_intermediate=2048, drafter_heads=4, drafter_centroids=2048,
+        ),
+        Arch(
+            name="26B-A4B", hidden=2816, layers=30, full_every=6, heads=16,
+            kv_heads_sliding=8, kv_heads_full=2, k_eq_v=True, sliding_window=1024,
+            intermediate=2112, double_wide_shared=False, kv_shared_layers=0, ple_dim=0,
+            experts=128, moe_intermediate=704,
+            drafter_hidden=1024, drafter_intermediate=8192, drafter_heads=16, drafter_centroids=0,
+        ),
+        Arch(
+            name="31B", hidden=5376, layers=60, full_every=6, heads=32,
+            kv_heads_sliding=16, kv_heads_full=4, k_eq_v=True, sliding_window=1024,
+            intermediate=21504, double_wide_shared=False, kv_shared_layers=0, ple_dim=0,
+            experts=0, moe_intermediate=0,
+            drafter_hidden=1024, drafter_intermediate=8192, drafter_heads=32, drafter_centroids=0,
+        ),
+    )
 }  # fmt: skip
 
 
@@ -372,20 +395,14 @@ def _text(value: Any) -> Text:
 
 def _cache_status(repo: str, cached: dict[str, int] | None) -> Text:
     if cached is None:
-        return Text(f"{repo}: {UNKNOWN}")
+        return Text(UNKNOWN)
     size = cached.get(repo.lower())
     if size is None:
-        return Text(f"{repo}: not cached", style="dim")
-    return Text(f"{repo}: cached ({format_bytes(size)})", style="green")
+        return Text("not cached", style="dim")
+    return Text(f"cached ({format_bytes(size)})", style="green")
 
 
 _VERDICT_STYLE = {"fits": "green", "tight": "yellow", "does not fit": "red"}
-
-
-def _fit_cell(arch: Arch, bits: int, memory: int | None) -> Text:
-    total = estimate(arch, bits).total
-    word = verdict(total, memory)
-    return Text(f"{format_bytes(total)} {word}", style=_VERDICT_STYLE.get(word, ""))
 
 
 def run(console: Console) -> int:
@@ -398,12 +415,19 @@ def run(console: Console) -> int:
     return 0
 
 
+def _table(title: str, *columns: str, show_header: bool = True) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE, show_header=show_header)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
 def _report(console: Console) -> None:
     memory = _probe(total_memory_bytes)
     cache_dir = _probe(hf_cache_dir)
     cached = _probe(cached_models, cache_dir) if cache_dir is not None else None
 
-    facts = Table(title="gemma-chat doctor", show_header=False, title_justify="left")
+    facts = Table(title="gemma-chat doctor", title_justify="left", box=None, show_header=False)
     facts.add_column("check", style="bold", no_wrap=True)
     facts.add_column("value", overflow="fold")
     rows = [
@@ -415,7 +439,7 @@ def _report(console: Console) -> None:
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("os", _probe(os_description)),
         ("chip", _probe(chip)),
-        ("memory", format_bytes(memory) if memory else None),
+        ("unified memory" if _is_macos() else "memory", format_bytes(memory) if memory else None),
         ("wired limit", _probe(wired_limit)),
         ("HF cache", str(cache_dir) if cache_dir is not None else None),
         ("free disk", format_bytes(_probe(free_disk_bytes, cache_dir)) if cache_dir else None),
@@ -424,50 +448,44 @@ def _report(console: Console) -> None:
         facts.add_row(label, _text(value))
     console.print(facts)
 
-    models = Table(title="Gemma 4 in the HF cache", title_justify="left")
-    models.add_column("alias", no_wrap=True)
-    models.add_column("target", overflow="fold")
-    models.add_column("assistant (drafter)", overflow="fold")
+    models = _table("Gemma 4 in the HF cache", "alias", "role", "repo", "status")
     for name, alias in ALIASES.items():
-        models.add_row(
-            name, _cache_status(alias.target, cached), _cache_status(alias.assistant, cached)
-        )
+        for role, repo in (("target", alias.target), ("assistant", alias.assistant)):
+            models.add_row(name, role, repo, _cache_status(repo, cached))
     console.print(models)
     if cached is None:
         console.print(Text(f"cache scan: {UNKNOWN}"))
     else:
-        others = other_gemma4_repos(cached)
-        if others:
-            listed = ", ".join(f"{repo} ({format_bytes(cached[repo])})" for repo in others)
-            console.print(Text(f"other Gemma 4 repos cached: {listed}"))
+        for repo in other_gemma4_repos(cached):
+            console.print(Text(f"also cached: {repo} ({format_bytes(cached[repo])})"))
 
-    fit = Table(
-        title=f"Memory at {CONTEXT_TOKENS} tokens: target + drafter (bf16) + KV cache, "
-        f"of {format_bytes(memory) if memory else UNKNOWN}",
-        title_justify="left",
-    )
-    fit.add_column("alias", no_wrap=True)
-    fit.add_column("model")
-    fit.add_column("params", justify="right")
-    fit.add_column("bf16 target", no_wrap=True)
-    fit.add_column("4-bit target", no_wrap=True)
+    memory_text = format_bytes(memory) if memory else UNKNOWN
+    fit = _table(
+        f"Fit in {memory_text} at {CONTEXT_TOKENS} tokens: target + drafter (bf16) + KV cache",
+        "alias", "weights", "target", "drafter", "KV cache", "total", "verdict",
+    )  # fmt: skip
     for name, alias in ALIASES.items():
         arch = arch_for(alias.target)
-        if arch is None:
-            fit.add_row(name, alias.target, UNKNOWN, UNKNOWN, UNKNOWN)
-            continue
-        fit.add_row(
-            name,
-            f"Gemma 4 {arch.name}",
-            f"{target_params(arch) / 1e9:.2f} B",
-            _fit_cell(arch, 16, memory),
-            _fit_cell(arch, 4, memory),
-        )
+        for bits, label in ((16, "bf16"), (4, "4-bit")):
+            if arch is None:
+                fit.add_row(name, label, *[UNKNOWN] * 5)
+                continue
+            parts = estimate(arch, bits)
+            word = verdict(parts.total, memory)
+            fit.add_row(
+                name,
+                label,
+                format_bytes(parts.target),
+                format_bytes(parts.drafter),
+                format_bytes(parts.kv),
+                format_bytes(parts.total),
+                Text(word, style=_VERDICT_STYLE.get(word, "")),
+            )
     console.print(fit)
     console.print(
         Text(
-            f"fits: under {FITS_FRACTION:.0%} of memory; tight: up to {TIGHT_FRACTION:.0%}; "
-            "estimates from the architecture, not measurements.",
+            f"fits: under {FITS_FRACTION:.0%} of memory; tight: up to {TIGHT_FRACTION:.0%}. "
+            "Estimated from the architecture, not measured.",
             style="dim",
         )
     )
