@@ -1,0 +1,84 @@
+"""Lossless: speculative output is the target's own, at every draft length, past the sliding
+window, across reused contexts, with end-of-sequence and --ignore-eos."""
+
+import pytest
+
+from gemma_mtp_mlx import generate
+from gemma_mtp_mlx.engine.context import Context
+from tests import tiny_checkpoints as tiny
+
+PROMPT = [2, 40, 77, 301, 12]
+CASES = [(shape, centroids) for shape in tiny.SHAPES for centroids in (False, True)]
+
+
+def ids_and_stats(pair, prompt, **options):
+    ids, stats = [], None
+    for chunk in generate(pair, prompt, **options):
+        ids += chunk.token_ids
+        stats = chunk.stats
+    return ids, stats
+
+
+@pytest.mark.parametrize("shape,centroids", CASES)
+def test_greedy_speculative_equals_plain_past_the_window(echo_pairs, shape, centroids):
+    """300 tokens with a window of 8: the sliding caches wrap ~40 times, with rollbacks."""
+    pair = echo_pairs[(shape, centroids)]
+    plain, _ = ids_and_stats(pair, PROMPT, max_tokens=300, ignore_eos=True, mtp=False)
+    assert len(plain) == 300
+    depths = set()
+    for k in (1, 2, 3, 5, 8):
+        ids, stats = ids_and_stats(pair, PROMPT, max_tokens=300, ignore_eos=True, draft_tokens=k)
+        assert ids == plain, f"K={k} diverged at {next(i for i, (a, b) in enumerate(zip(ids, plain)) if a != b)}"
+        assert stats.drafted > 0
+        depths |= {i for i, a in enumerate(stats.accepted_by_position) if a}
+    if shape == "dense":  # the echo drafter is right often here: partial and full acceptance
+        assert depths >= set(range(8))
+
+
+@pytest.mark.parametrize("shape", tiny.SHAPES)
+def test_random_drafter_is_lossless_and_rejected(pairs, shape):
+    pair = pairs[(shape, True)]
+    plain, _ = ids_and_stats(pair, PROMPT, max_tokens=120, ignore_eos=True, mtp=False)
+    ids, stats = ids_and_stats(pair, PROMPT, max_tokens=120, ignore_eos=True, draft_tokens=4)
+    assert ids == plain
+    assert stats.acceptance_rate < 0.2
+
+
+@pytest.mark.parametrize("shape", tiny.SHAPES)
+def test_end_of_sequence_stops_speculative_and_plain_alike(echo_pairs, ckpt, shape):
+    pair = echo_pairs[(shape, False)]
+    for prompt in ([2, 40, 77, 301, 12, 99, 250, 7, 18, 400, 33, 61, 5, 130, 222, 17, 90, 311, 45, 8], PROMPT):
+        plain, _ = ids_and_stats(pair, prompt, max_tokens=80, mtp=False)
+        assert plain == tiny.reference_greedy(ckpt[shape], prompt, 80)
+        for k in (2, 5):
+            assert ids_and_stats(pair, prompt, max_tokens=80, draft_tokens=k)[0] == plain
+
+
+def test_ignore_eos_runs_to_max_tokens_without_end_of_sequence(echo_pairs):
+    pair = echo_pairs[("e2b", False)]
+    eos = set(pair.tokenizer.eos_token_ids)
+    for mtp in (False, True):
+        ids, _ = ids_and_stats(pair, PROMPT, max_tokens=150, ignore_eos=True, mtp=mtp)
+        assert len(ids) == 150 and not eos & set(ids)
+
+
+@pytest.mark.parametrize("shape", tiny.SHAPES)
+def test_reused_context_across_prompts_is_lossless(echo_pairs, shape):
+    """A chat: each prompt extends the last answer; only the new tokens are prefilled."""
+    pair = echo_pairs[(shape, True)]
+    ctx = Context(pair.target)
+    history = list(PROMPT)
+    for turn in range(3):
+        ids, stats = ids_and_stats(pair, history, max_tokens=60, ignore_eos=True, draft_tokens=3, context=ctx)
+        plain, _ = ids_and_stats(pair, history, max_tokens=60, ignore_eos=True, mtp=False)
+        assert ids == plain
+        if turn:
+            assert stats.context_tokens > len(history) - 10
+            assert stats.prompt_tokens == 5  # the last answer token (not cached yet) + 4 new
+        history += ids + [6, 5, 100 + turn, 200 + turn]
+
+
+def test_max_tokens_is_exact(echo_pairs):
+    pair = echo_pairs[("dense", False)]
+    for n in (1, 2, 7):
+        assert len(ids_and_stats(pair, PROMPT, max_tokens=n, ignore_eos=True, draft_tokens=5)[0]) == n
