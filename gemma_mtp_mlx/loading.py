@@ -18,7 +18,7 @@ import mlx.nn as nn
 from .aliases import ALIASES
 from .errors import GemmaChatError
 from .models.assistant import Assistant, AssistantArgs, pairing_problems
-from .models.gemma4 import Model, ModelArgs
+from .models.gemma4 import Model, ModelArgs, canonical_key
 
 TARGET_TYPES = {"gemma4", "gemma4_text"}
 ASSISTANT_TYPES = {"gemma4_assistant"}
@@ -150,10 +150,12 @@ def _apply_weights(model: nn.Module, weights: dict, config: dict, path: Path, qu
     quant = config.get("quantization") or config.get("quantization_config")
     if quant and "bits" in quant:
         # Quantised MLX checkpoints: a module is quantised iff the checkpoint has its scales;
-        # per-module overrides (e.g. an 8-bit router) are keyed by the module path.
+        # per-module overrides (e.g. an 8-bit router) are keyed by the checkpoint's module path.
+        overrides = {canonical_key(k): v for k, v in quant.items() if isinstance(v, dict)}
+
         def predicate(p, m):
-            if p in quant and isinstance(quant[p], dict):
-                return quant[p]
+            if p in overrides:
+                return overrides[p]
             return hasattr(m, "to_quantized") and f"{p}.scales" in weights
 
         nn.quantize(

@@ -386,10 +386,13 @@ class Model(nn.Module):
 
     @staticmethod
     def quant_predicate(path: str, module: nn.Module):
-        """The router stays at 8 bits when quantizing (as mlx-lm does, spec §2.3)."""
+        """The router stays at 8 bits when quantizing (as mlx-lm does, spec §2.3); layers whose
+        input width is not a multiple of the group size stay as they are."""
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 64:
+            return False
         if path.endswith("router.proj"):
             return {"group_size": 64, "bits": 8}
-        return hasattr(module, "to_quantized")
+        return True
 
 
 _DROPPED = ("self_attn.rotary_emb", "input_max", "input_min", "output_max", "output_min")
