@@ -15,7 +15,8 @@ test:
 	$(PY) -m pytest
 
 demo:
-	.venv/bin/gemma-chat --model demo
+	# The smallest real pair until the offline demo pair ships (issue 5).
+	.venv/bin/gemma-chat --model e2b --prompt "Write a haiku about speculative decoding."
 
 bench:
 	$(PRELOAD) $(PY) scripts/bench.py
