@@ -2,9 +2,18 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests import tiny_checkpoints as tiny
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, tol: float = 1e-4):
+    """fp32 parity: max error within `tol` of the reference's scale (max(1, max|ref|)). These
+    fixtures have O(10) logits and states, so this is ~1e-3 absolute; a wrong mask, position or
+    weight moves values by whole units."""
+    err = np.abs(ours - ref).max() / max(1.0, np.abs(ref).max())
+    assert err < tol, f"relative error {err:.2e}"
 
 
 @pytest.fixture(scope="session")

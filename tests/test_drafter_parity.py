@@ -7,15 +7,8 @@ import pytest
 
 from gemma_mtp_mlx.engine.context import Context
 from tests import tiny_checkpoints as tiny
+from tests.conftest import assert_close
 
-
-
-def assert_close(ours: np.ndarray, ref: np.ndarray):
-    """Within 1e-4 of the reference's scale (fp32; the chain feeds each step's O(10) state into
-    the next, so absolute errors grow a little per step, while a wrong mask or position moves
-    logits by whole units)."""
-    err = np.abs(ours - ref).max() / max(1.0, np.abs(ref).max())
-    assert err < 1e-4, err
 LONG = [2, 40, 77, 301, 12, 99, 250, 7, 18, 400, 33, 61, 5, 130, 222, 17, 90, 311, 45, 8]
 
 
@@ -37,8 +30,11 @@ def test_draft_chain_matches_transformers(ckpt, pairs, shape, centroids, length)
     token, g = first, hidden
     for step in range(4):
         y, g = drafter(target.model.embed(mx.array([[token]])), g, kv, ctx.cache[0].offset)
-        assert_close(np.array(drafter.logits(y)[0, 0]), ref.logits[step])
-        assert_close(np.array(g[0, 0]), ref.projected[step])
+        # Each step feeds its O(10) state into the next and amplifies fp32 noise: on the e4b
+        # fixture transformers' own sdpa and eager runs differ by 4e-4 (relative) at step 4.
+        tol = 1e-4 if step == 0 else 1e-3
+        assert_close(np.array(drafter.logits(y)[0, 0]), ref.logits[step], tol)
+        assert_close(np.array(g[0, 0]), ref.projected[step], tol)
         token = ref.draft_tokens[step]
         ids, cand = drafter.candidate_logits(y[0, 0])
         best = int(mx.argmax(cand).item())

@@ -27,7 +27,7 @@ def test_rejection_sampling_emits_the_target_distribution():
     p = mx.array([[0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6], [0.25, 0.25, 0.25, 0.25]])
     q = mx.array([[0.1, 0.2, 0.6, 0.1], [0.7, 0.1, 0.1, 0.1]])
     keys = KeyStream(0)
-    n = 6000
+    n = 20000
     first, second = np.zeros(4), np.zeros(4)
     for _ in range(n):
         drafts = sample(q, keys())

@@ -82,3 +82,44 @@ def test_max_tokens_is_exact(echo_pairs):
     pair = echo_pairs[("dense", False)]
     for n in (1, 2, 7):
         assert len(ids_and_stats(pair, PROMPT, max_tokens=n, ignore_eos=True, draft_tokens=5)[0]) == n
+
+
+def test_mtp_adds_no_kv_cache_only_the_drafter(echo_pairs):
+    """The drafter reads the target's K/V in place: with MTP, peak memory grows by at most the
+    drafter's weights plus a few activations, nothing per token of context."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    pair = echo_pairs[("e2b", True)]
+    drafter_bytes = sum(v.nbytes for _, v in tree_flatten(pair.drafter.parameters()))
+    peaks = {}
+    for mtp in (False, True):
+        mx.clear_cache()
+        _, stats = ids_and_stats(pair, PROMPT * 20, max_tokens=200, ignore_eos=True, mtp=mtp, draft_tokens=3)
+        peaks[mtp] = stats.peak_memory_bytes
+    assert peaks[True] - peaks[False] <= drafter_bytes + 2 * 2**20
+
+
+def test_cli_raw_json_greedy_equals_transformers(ckpt):
+    """The held-out check of issue 3, through the command line."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gemma_mtp_mlx.cli import app
+
+    prompt = "the cat sat on the mat"
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(ckpt["dense"]).encode(prompt)
+    expected = tiny.reference_greedy(ckpt["dense"], ids, 40)
+    for extra in ([], ["--draft-tokens", "5"], ["--no-mtp"]):
+        result = CliRunner().invoke(
+            app,
+            ["--model", str(ckpt["dense"]), "--drafter", str(ckpt["dense-centroids"]), "--raw",
+             "--prompt", prompt, "--temp", "0", "--max-tokens", "40", "--json", *extra],
+        )
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        assert out["token_ids"] == expected
+        assert out["stats"]["prompt_tokens"] == len(ids)

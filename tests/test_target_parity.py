@@ -7,9 +7,8 @@ import pytest
 from gemma_mtp_mlx import load
 from gemma_mtp_mlx.engine.context import Context
 from tests import tiny_checkpoints as tiny
+from tests.conftest import assert_close
 
-# fp32; HF eager vs sdpa alone differ by up to ~6e-5 on these fixtures.
-ATOL = 2e-4
 PROMPT = [2, 40, 77, 301, 12, 99, 250, 7, 18, 400, 33, 61, 5, 130, 222, 17, 90, 311, 45, 8]
 
 
@@ -18,7 +17,7 @@ def test_logits_match_transformers(ckpt, shape):
     pair = load(str(ckpt[shape]), drafter=None)
     ours = np.array(pair.target(mx.array([PROMPT]))[0])
     ref = tiny.reference_logits(ckpt[shape], PROMPT)
-    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+    assert_close(ours, ref)
 
 
 @pytest.mark.parametrize("shape", tiny.SHAPES)
@@ -31,10 +30,8 @@ def test_cached_decode_past_the_window_matches_transformers(ckpt, shape):
     for t in PROMPT[6:]:
         rows.append(np.array(pair.target(mx.array([[t]]), ctx.cache)[0, 0]))
     ref = tiny.reference_logits(ckpt[shape], PROMPT)
-    np.testing.assert_allclose(np.stack(rows), ref[5:], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(
-        np.array(hidden[0, 0]), tiny.reference_hidden(ckpt[shape], PROMPT[:6])[-1], atol=ATOL
-    )
+    assert_close(np.stack(rows), ref[5:])
+    assert_close(np.array(hidden[0, 0]), tiny.reference_hidden(ckpt[shape], PROMPT[:6])[-1])
 
 
 @pytest.mark.parametrize("shape", tiny.SHAPES)

@@ -43,11 +43,11 @@ def test_target_config_roundtrip(ckpts, shape):
     cfg = AutoConfig.from_pretrained(d)
     assert cfg.model_type == "gemma4_text"
     assert cfg.layer_types == raw["layer_types"]
-    expected = {"e2b": (32, 1), "moe": (32, 1), "dense": (32, 1)}[shape]
+    expected = {"e2b": (32, 1), "e4b": (32, 2), "moe": (32, 1), "dense": (32, 1)}[shape]
     assert tc.global_attention(raw) == expected
     hub = tc.hub_style_text_config(raw)
     assert "per_layer_config" not in hub and hub["global_head_dim"] == 32
-    assert hub["num_global_key_value_heads"] == (None if shape == "e2b" else 1)
+    assert hub["num_global_key_value_heads"] == (None if shape in ("e2b", "e4b") else 1)
     assert tc.global_attention(hub) == expected
     # HF resolves the hub form to the same per-layer geometry
     from transformers import Gemma4TextConfig

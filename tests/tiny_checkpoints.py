@@ -91,7 +91,7 @@ from typing import Any
 
 import numpy as np
 
-SHAPES = ("e2b", "moe", "dense")
+SHAPES = ("e2b", "e4b", "moe", "dense")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -367,6 +367,22 @@ def _target_kwargs(shape: str, vocab_size: int, sliding_window: int) -> dict[str
             vocab_size_per_layer_input=vocab_size,
             num_kv_shared_layers=2,
             use_double_wide_mlp=True,
+            enable_moe_block=False,
+        )
+    elif shape == "e4b":
+        # 5:1 like E4B, per-layer embeddings, the last S and F layers reuse layers 4 and 5;
+        # no double-wide MLP.
+        common.update(
+            num_hidden_layers=8,
+            layer_types=[S, S, S, S, S, F, S, F],
+            intermediate_size=96,
+            num_key_value_heads=2,
+            num_global_key_value_heads=None,
+            attention_k_eq_v=False,
+            hidden_size_per_layer_input=16,
+            vocab_size_per_layer_input=vocab_size,
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=False,
             enable_moe_block=False,
         )
     elif shape == "moe":

@@ -10,7 +10,7 @@ from ..errors import GemmaChatError
 from .context import Context
 from .sampling import SamplerSettings, ban_bias, probabilities, sample
 from .speculative import KeyStream, run_round
-from .stats import GenerationStats
+from .stats import GenerationStats, RoundStats
 
 DEFAULT_DRAFT_TOKENS = 3
 # Every PROBE_EVERY-th round drafts nothing: a plain decode step, timed as the measured baseline.
@@ -23,6 +23,7 @@ class Chunk:
     token_ids: list[int]
     stats: GenerationStats
     finish_reason: str | None = None  # "stop" (end of sequence) or "length" on the last chunk
+    round: RoundStats | None = None  # the speculative round that produced this chunk
 
 
 def encode_prompt(
@@ -91,7 +92,7 @@ def generate(
     detok = pair.tokenizer.detokenizer
     detok.reset()
     emitted: list[int] = []
-    rounds = 0
+    rounds, last_round = 0, None
     while True:
         stop_at = None if ignore_eos else next((i for i, t in enumerate(new) if t in eos), None)
         finish = None
@@ -110,9 +111,9 @@ def generate(
             detok.add_token(t)
         if finish:
             detok.finalize()
-            yield Chunk(detok.last_segment, new, stats, finish)
+            yield Chunk(detok.last_segment, new, stats, finish, last_round)
             return
-        yield Chunk(detok.last_segment, new, stats)
+        yield Chunk(detok.last_segment, new, stats, None, last_round)
 
         # Every PROBE_EVERY-th round is a plain step: the measured baseline (see stats.py).
         probe = k and rounds % PROBE_EVERY == PROBE_EVERY - 1
@@ -120,4 +121,4 @@ def generate(
         result = run_round(ctx, drafter, token, hidden, round_k, settings, bias, keys)
         stats.add_round(result.stats)
         rounds += 1
-        new, token, hidden = result.tokens, result.token, result.hidden
+        new, token, hidden, last_round = result.tokens, result.token, result.hidden, result.stats
