@@ -1,5 +1,6 @@
 """The one table of short model names: alias -> (target repo, assistant repo)."""
 
+from pathlib import Path
 from typing import NamedTuple
 
 
@@ -27,3 +28,8 @@ ALIASES: dict[str, Alias] = {
 }
 
 DEFAULT_MODEL = "e4b"
+
+# A small Gemma-4-architecture pair trained on Shakespeare, shipped inside the package so that
+# gemma-chat runs offline anywhere (scripts/make_demo.py makes it; its drafter is in assistant/).
+DEMO = "demo"
+DEMO_PATH = Path(__file__).parent / "assets" / "demo"

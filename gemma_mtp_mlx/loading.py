@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .aliases import ALIASES
+from .aliases import ALIASES, DEMO, DEMO_PATH
 from .errors import GemmaChatError
 from .models.assistant import Assistant, AssistantArgs, pairing_problems
 from .models.gemma4 import Model, ModelArgs, canonical_key
@@ -58,9 +58,13 @@ def resolve(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if name.lower() == DEMO:
+        if not (DEMO_PATH / "config.json").is_file():
+            raise GemmaChatError("the demo pair is not in this installation of gemma-chat")
+        return DEMO_PATH
     repo = ALIASES[name.lower()].target if name.lower() in ALIASES else name
     if name.startswith((".", "/", "~")) or repo.count("/") != 1:
-        known = ", ".join(ALIASES)
+        known = ", ".join([*ALIASES, DEMO])
         raise GemmaChatError(
             f"unknown model '{name}': not a folder, not an alias ({known}), not a hub repo id"
         )

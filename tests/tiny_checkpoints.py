@@ -252,7 +252,7 @@ Zero, one, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve,
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int) -> str:
+def _tokenizer_json(vocab_size: int, corpus=None) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -265,7 +265,8 @@ def _tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines(keepends=True) * 4, trainer=trainer)
+    lines = corpus if corpus is not None else _CORPUS.splitlines(keepends=True) * 4
+    tok.train_from_iterator(lines, trainer=trainer)
     n = tok.get_vocab_size()
     if n < vocab_size:  # pad with unused special tokens so the vocab matches the model exactly
         tok.add_special_tokens([f"<unused{i}>" for i in range(vocab_size - n)])
@@ -281,7 +282,7 @@ def _tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def make_tokenizer(out_dir: str | Path, *, vocab_size: int = 512) -> Path:
+def make_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, corpus=None) -> Path:
     """Write a byte-level BPE tokenizer with Gemma 4 special tokens and chat template.
 
     Files: ``tokenizer.json``, ``tokenizer_config.json`` (``tokenizer_class``
@@ -289,7 +290,8 @@ def make_tokenizer(out_dir: str | Path, *, vocab_size: int = 512) -> Path:
     own file, not into tokenizer_config.json). Ids: see :data:`TOKEN_IDS` (pad 0, eos 1, bos 2, unk 3,
     mask 4, ``<|turn>`` 5, ``<turn|>`` 6, ``<|think|>`` 7, ``<|channel>`` 8, ``<channel|>`` 9).
     ``encode(text)`` (add_special_tokens=True) prepends ``<bos>``; the chat template starts with the
-    bos token, so encode chat output with ``add_special_tokens=False``.
+    bos token, so encode chat output with ``add_special_tokens=False``. ``corpus`` (an iterable
+    of strings) replaces the built-in training text (the demo pair trains on Shakespeare).
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -297,7 +299,7 @@ def make_tokenizer(out_dir: str | Path, *, vocab_size: int = 512) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, corpus)),
         bos_token="<bos>",
         eos_token="<eos>",
         unk_token="<unk>",
