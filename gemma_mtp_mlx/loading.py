@@ -32,6 +32,7 @@ class Pair:
     tokenizer: object  # mlx_lm TokenizerWrapper
     target_path: Path
     drafter_path: Path | None = None
+    costs: object = None  # the draft policy's cost model, measured on first use (engine.policy)
 
     @property
     def name(self) -> str:

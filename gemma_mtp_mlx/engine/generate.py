@@ -8,11 +8,13 @@ import mlx.core as mx
 
 from ..errors import GemmaChatError
 from .context import Context
+from .policy import DraftPolicy, measure_costs
 from .sampling import SamplerSettings, ban_bias, probabilities, sample
 from .speculative import KeyStream, run_round
 from .stats import GenerationStats, RoundStats
 
-DEFAULT_DRAFT_TOKENS = 3
+# The most drafts per round the policy considers (explicit --draft-tokens may ask for more).
+POLICY_MAX_DRAFT = 6
 # Every PROBE_EVERY-th round drafts nothing: a plain decode step, timed as the measured baseline.
 PROBE_EVERY = 16
 
@@ -63,12 +65,13 @@ def generate(
     context: Context | None = None,
 ) -> Iterator[Chunk]:
     """Stream the answer to `prompt`. With `mtp` and a drafter, speculative rounds of
-    `draft_tokens` drafts; the tokens are the target's own either way (greedy: identical to
-    plain decoding; sampling: distributed as the target's). `context` carries a KV cache over
-    from earlier prompts (a chat); only the tokens after the common prefix are prefilled."""
+    `draft_tokens` drafts (None: the measured policy chooses per round, parking at 0 when
+    drafting loses); the tokens are the target's own either way (greedy: identical to plain
+    decoding; sampling: distributed as the target's). `context` carries a KV cache over from
+    earlier prompts (a chat); only the tokens after the common prefix are prefilled."""
     tokens = encode_prompt(pair.tokenizer, prompt, raw=raw)
     drafter = pair.drafter if mtp else None
-    k = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens)
+    k = 0 if drafter is None else (POLICY_MAX_DRAFT if draft_tokens is None else draft_tokens)
     if k < 0:
         raise GemmaChatError("draft tokens must be 0 or more")
     ctx = context or Context(pair.target, slack=max(64, k + 2))
@@ -88,6 +91,11 @@ def generate(
     token = first.reshape(1, 1)
     new = [token.item()]
     stats.prefill_seconds = time.perf_counter() - start
+    policy = None
+    if drafter is not None and draft_tokens is None:
+        if pair.costs is None:  # measured once per pair, on this machine
+            pair.costs = measure_costs(ctx, drafter, token, hidden, k)
+        policy = DraftPolicy(pair.costs)
 
     detok = pair.tokenizer.detokenizer
     detok.reset()
@@ -116,9 +124,14 @@ def generate(
         yield Chunk(detok.last_segment, new, stats, None, last_round)
 
         # Every PROBE_EVERY-th round is a plain step: the measured baseline (see stats.py).
-        probe = k and rounds % PROBE_EVERY == PROBE_EVERY - 1
-        round_k = 0 if probe else min(k, max_tokens - len(emitted) - 1)
+        limit = min(k, max_tokens - len(emitted) - 1)
+        if k and rounds % PROBE_EVERY == PROBE_EVERY - 1:
+            round_k = 0
+        else:
+            round_k = policy.choose(limit) if policy else limit
         result = run_round(ctx, drafter, token, hidden, round_k, settings, bias, keys)
+        if policy:
+            policy.update(result.stats.drafted, result.stats.accepted)
         stats.add_round(result.stats)
         rounds += 1
         new, token, hidden, last_round = result.tokens, result.token, result.hidden, result.stats

@@ -1,0 +1,115 @@
+"""How many tokens to draft each round, from costs measured on this machine and the acceptance
+seen so far; K = 0 ("parked") when drafting cannot beat plain decoding.
+
+With a_i the running probability that draft i is accepted once drafts 1..i-1 were, a round of
+K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens and costs
+C(K) = verify(K + 1) + K * draft_step. The policy picks the K with the highest E(K) / C(K);
+plain decoding is K = 0 at 1 / verify(1). While parked, every PROBE_EVERY-th round drafts once
+more so that a workload that turns predictable unparks.
+"""
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .context import Context
+
+PROBE_EVERY = 8
+# Acceptance estimates start optimistic-but-uncertain and follow recent rounds (exponential decay).
+PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
+
+
+@dataclass
+class CostModel:
+    verify_seconds: list[float]  # [T - 1] -> a target forward of T tokens on a warm cache
+    draft_step_seconds: float
+
+    @property
+    def max_draft(self) -> int:
+        return len(self.verify_seconds) - 1
+
+    def tokens_per_second(self, k: int, acceptance: list[float]) -> float:
+        expected, survive = 1.0, 1.0
+        for a in acceptance[:k]:
+            survive *= a
+            expected += survive
+        return expected / (self.verify_seconds[k] + k * self.draft_step_seconds)
+
+
+def _median_seconds(run, repeats: int = 3) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_costs(ctx: Context, drafter, token: mx.array, hidden: mx.array, max_draft: int) -> CostModel:
+    """Time target forwards of 1..max_draft+1 tokens and one drafter step at the current context,
+    rolling every cache back afterwards (the measurement leaves no trace)."""
+    target = ctx.target
+
+    def verify(t: int):
+        def run():
+            out = target(mx.repeat(token, t, axis=1), ctx.cache, return_hidden=True)
+            mx.eval(out)
+            for c in ctx.cache:
+                c.trim(t)
+
+        return run
+
+    kv = target.drafter_kv(ctx.cache, drafter.sliding_window)
+    embedding = target.model.embed(token)
+
+    def draft_step():
+        y, g = drafter(embedding, hidden, kv, ctx.cache[0].offset)
+        mx.eval(drafter.candidate_logits(y[0, 0])[1], g)
+
+    return CostModel(
+        [_median_seconds(verify(t)) for t in range(1, max_draft + 2)], _median_seconds(draft_step)
+    )
+
+
+class DraftPolicy:
+    def __init__(self, costs: CostModel):
+        self.costs = costs
+        self.accepted = [PRIOR_ACCEPTED * PRIOR_SEEN] * costs.max_draft
+        self.seen = [PRIOR_SEEN] * costs.max_draft
+        self.parked_rounds = 0
+
+    @property
+    def acceptance(self) -> list[float]:
+        return [a / s for a, s in zip(self.accepted, self.seen)]
+
+    def best(self) -> int:
+        acceptance = self.acceptance
+        rates = [self.costs.tokens_per_second(k, acceptance) for k in range(self.costs.max_draft + 1)]
+        return max(range(len(rates)), key=rates.__getitem__)
+
+    def choose(self, limit: int) -> int:
+        """The draft length for the next round, at most `limit`."""
+        k = self.best()
+        if k == 0:
+            self.parked_rounds += 1
+            if self.parked_rounds % PROBE_EVERY == 0:
+                k = 1
+        else:
+            self.parked_rounds = 0
+        return min(k, limit)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Draft i was tried iff drafts 1..i-1 were accepted, so each tried position is one
+        Bernoulli observation of a_i."""
+        for i in range(drafted):
+            self.accepted[i] = self.accepted[i] * DECAY + (1.0 if i < accepted else 0.0)
+            self.seen[i] = self.seen[i] * DECAY + 1.0
+            if i >= accepted:
+                break
+
+    @property
+    def parked(self) -> bool:
+        return self.best() == 0
