@@ -8,13 +8,17 @@ and exit 1 (typer's usage errors exit 2); `--debug` shows the traceback instead.
 import json
 import os
 import sys
+from contextlib import nullcontext
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .aliases import DEFAULT_MODEL
+from .chat.session import Session, Settings, Turn
+from .chat.view import AnswerView
 from .errors import GemmaChatError
 
 app = typer.Typer(
@@ -27,7 +31,8 @@ app = typer.Typer(
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, no_color="NO_COLOR" in os.environ, highlight=False)
+    # soft_wrap: a message stays one line however narrow the terminal (or 80 columns in a pipe)
+    return Console(stderr=True, no_color="NO_COLOR" in os.environ, highlight=False, soft_wrap=True)
 
 
 def _version(value: bool):
@@ -50,6 +55,7 @@ def main_command(
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    think: Annotated[bool, typer.Option("--think/--no-think", help="Gemma 4's thinking channel (shown dimmed, kept out of the answer).")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: encode the text as is.")] = False,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Run to --max-tokens.")] = False,
     quantize: Annotated[int | None, typer.Option("--quantize", help="Quantise the target at load: 4 or 8.")] = None,
@@ -57,10 +63,12 @@ def main_command(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
 ):
+    """Without --prompt: the interactive chat on a terminal, or one answer per input line when
+    stdin is a pipe or a file."""
     if ctx.invoked_subcommand is not None:
         return
     err = stderr_console()
-    options = dict(
+    settings = Settings(
         max_tokens=max_tokens,
         temperature=temp,
         top_p=top_p,
@@ -69,13 +77,31 @@ def main_command(
         mtp=not no_mtp,
         draft_tokens=draft_tokens,
         ignore_eos=ignore_eos,
+        think=think,
     )
     try:
-        if prompt is None:
-            raise GemmaChatError("interactive chat needs --prompt for now")
-        text = sys.stdin.read() if prompt == "-" else prompt
+        interactive = prompt is None and sys.stdin.isatty() and sys.stdout.isatty()
+        if raw and prompt is None:
+            raise GemmaChatError("--raw needs --prompt")
+        if interactive and as_json:
+            raise GemmaChatError("--json needs --prompt or input from a pipe")
+        text = None
+        if prompt is not None:
+            text = sys.stdin.read() if prompt == "-" else prompt
+            if not text.strip():
+                raise GemmaChatError("the prompt is empty")
         pair = _load(err, model, None if no_mtp else drafter, quantize)
-        one_shot(pair, text, options, raw=raw, system=system, as_json=as_json, err=err)
+        if pair.drafter is None and not no_mtp:
+            err.print(f"warning: no MTP drafter found for {model}: plain decoding", style="yellow")
+        session = Session(pair, settings, system=system, model_name=model)
+        if text is not None:
+            one_shot(session, text, raw=raw, as_json=as_json, err=err)
+        elif interactive:
+            from .chat.repl import run_repl
+
+            run_repl(session, stdout_console(), debug=debug)
+        elif not scripted(session, sys.stdin, as_json=as_json, err=err):
+            raise typer.Exit(1)
     except GemmaChatError as e:
         _fail(err, str(e), debug)
     except KeyboardInterrupt:
@@ -83,14 +109,20 @@ def main_command(
         raise typer.Exit(130) from None
     except BrokenPipeError:
         _quiet_broken_pipe()
+    except typer.Exit:
+        raise
     except Exception as e:  # anything unexpected still gets one line unless --debug
         _fail(err, f"{type(e).__name__}: {e}", debug)
+
+
+def stdout_console() -> Console:
+    return Console(no_color="NO_COLOR" in os.environ, highlight=False)
 
 
 def _fail(err: Console, message: str, debug: bool):
     if debug:
         err.print_exception()
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(1)
 
 
@@ -104,47 +136,88 @@ def _quiet_broken_pipe():
 def _load(err: Console, model: str, drafter: str | None, quantize: int | None):
     from .loading import load
 
-    with err.status(f"loading {model}…", spinner="dots") if err.is_terminal else _nothing():
+    with err.status(f"loading {model}…", spinner="dots") if err.is_terminal else nullcontext():
         return load(model, drafter, quantize=quantize)
 
 
-class _nothing:
-    def __enter__(self):
-        return self
+def one_shot(session: Session, text: str, *, raw: bool, as_json: bool, err: Console) -> None:
+    """One answer on stdout; notes and the stats line on stderr."""
+    turn = session.complete(text) if raw else session.ask(text)
+    if turn.max_tokens < turn.settings.max_tokens:
+        err.print(f"note: the context leaves room for {turn.max_tokens} tokens", style="yellow")
+    _answer(turn, as_json=as_json, err=err)
 
-    def __exit__(self, *exc):
-        return False
+
+def scripted(session: Session, lines, *, as_json: bool, err: Console) -> bool:
+    """A conversation read from `lines`: each non-empty line is a user turn, each answer goes
+    to stdout (a blank line between answers, or one JSON object per line). False when a turn
+    failed; the others still run."""
+    ok, first = True, True
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            turn = session.ask(line)
+        except GemmaChatError as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}")
+            ok = False
+            continue
+        if turn.dropped:
+            err.print(
+                f"note: dropped the {turn.dropped} oldest exchange(s) to fit the context "
+                f"({session.context_limit:,} tokens)",
+                style="yellow",
+            )
+        if not first and not as_json:
+            sys.stdout.write("\n")
+        first = False
+        _answer(turn, as_json=as_json, err=err)
+    return ok
 
 
-def one_shot(pair, text: str, options: dict, *, raw: bool, system: str | None, as_json: bool, err: Console):
-    from .engine.generate import encode_prompt, generate
-
-    prompt = encode_prompt(pair.tokenizer, text, raw=raw, system=system)
-    pieces, ids, stats = [], [], None
-    for chunk in generate(pair, prompt, **options):
-        ids += chunk.token_ids
-        stats = chunk.stats
-        if as_json:
-            pieces.append(chunk.text)
-        else:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
+def _answer(turn: Turn, *, as_json: bool, err: Console) -> None:
     if as_json:
-        print(json.dumps({"text": "".join(pieces), "token_ids": ids, "stats": stats.as_dict()}))
-    else:
-        sys.stdout.write("\n")
-        err.print(summary_line(stats), style="dim")
+        turn.run()
+        print(json.dumps(answer_json(turn), ensure_ascii=False), flush=True)
+        return
+    out = stdout_console()
+    with AnswerView(out, err=err, keep_meter=False) as view:
+        try:
+            for update in turn:
+                view.update(update.thinking, update.text, update.stats)
+        finally:
+            turn.close()
+        view.finish(turn.stats)
+    err.print(summary_line(turn), style="dim")
 
 
-def summary_line(stats) -> str:
+def answer_json(turn: Turn) -> dict:
+    stats = turn.stats.as_dict() | {"thinking_tokens": turn.thinking_tokens}
+    out = {"text": turn.text, "token_ids": turn.token_ids, "finish_reason": turn.finish_reason}
+    if turn.thinking:
+        out["thinking"] = turn.thinking
+    out["stats"] = stats
+    return out
+
+
+def summary_line(turn: Turn) -> str:
+    stats = turn.stats
     parts = [f"{stats.generated_tokens} tokens"]
+    if turn.thinking_tokens:
+        parts.append(f"{turn.thinking_tokens} thinking")
     if stats.tokens_per_second:
         parts.append(f"{stats.tokens_per_second:.1f} tok/s")
-    if stats.acceptance_rate is not None:
-        parts.append(f"acceptance {stats.acceptance_rate:.0%}")
-        parts.append(f"{stats.mean_accepted_length:.2f} tokens/forward")
-    if stats.speedup:
-        parts.append(f"{stats.speedup:.2f}× vs measured plain {stats.baseline_tokens_per_second:.1f} tok/s")
+    if not turn.used_mtp:
+        parts.append("MTP off")
+    else:
+        if stats.acceptance_rate is not None:
+            parts.append(f"acceptance {stats.acceptance_rate:.0%}")
+        if stats.mean_accepted_length:
+            parts.append(f"{stats.mean_accepted_length:.2f} tokens/forward")
+        if stats.speedup:
+            parts.append(f"{stats.speedup:.2f}× vs measured plain {stats.baseline_tokens_per_second:.1f} tok/s")
+        else:
+            parts.append("plain baseline not measured (answer too short)")
     parts.append(f"prompt {stats.prompt_tokens} tokens")
     return " · ".join(parts)
 

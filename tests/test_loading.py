@@ -97,16 +97,19 @@ def test_broken_and_missing_weights(ckpt, tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_at_load_stays_close(ckpt, bits):
-    full = logits_of(load(str(ckpt["moe"]), drafter=None))
-    quant = load(str(ckpt["moe"]), drafter=None, quantize=bits)
-    assert isinstance(quant.target.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    moe = load(str(ckpt["moe"]), drafter=None, quantize=bits).target
+    assert isinstance(moe.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     # The router keeps 8 bits whatever the rest uses (routing decisions are brittle).
-    assert quant.target.model.layers[0].router.proj.bits == 8
-    # Tiny random matrices are a worst case for quantisation (one group per row): ask for the
-    # same function, not the same numbers.
-    ours = logits_of(quant)
+    assert moe.model.layers[0].router.proj.bits == 8
+    # Width-64 random matrices are a worst case for group-wise quantisation (one group per row,
+    # no outlier structure): 8 bits must be near the fp32 function, 4 bits clearly related.
+    full = logits_of(load(str(ckpt["dense"]), drafter=None))
+    ours = logits_of(load(str(ckpt["dense"]), drafter=None, quantize=bits))
     assert not np.allclose(ours, full)
-    assert np.corrcoef(ours.ravel(), full.ravel())[0, 1] > (0.5 if bits == 4 else 0.99)
+    corr = np.corrcoef(ours.ravel(), full.ravel())[0, 1]
+    agree = (ours.argmax(-1) == full.argmax(-1)).mean()
+    assert corr > (0.7 if bits == 4 else 0.99)
+    assert agree >= (0.25 if bits == 4 else 0.8)
 
 
 def test_mlx_community_quantised_checkpoint_with_per_module_overrides(ckpt, tmp_path):

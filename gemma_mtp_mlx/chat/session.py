@@ -1,0 +1,494 @@
+"""A conversation: messages, the chat template, and one KV cache carried across turns.
+
+Each turn sends the whole conversation; the engine's `Context` prefills only what follows the
+longest common prefix with the tokens it already holds. For that prefix to reach the new turn,
+the conversation is kept as the exact tokens the model read and wrote (`_carried`): the earlier
+prompt, the answer's own token ids (thinking removed, as the template removes it) and the
+template's end of turn. The new user turn is the template's text after the rendered history.
+Re-encoding answers from text instead would re-prefill every answer: a model's tokens are not
+always the tokenizer's canonical split of their text, and with thinking off the generation
+prompt pre-fills an empty thought channel that the template leaves out of earlier turns.
+"""
+
+import copy
+import json
+import os
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..engine.context import Context
+from ..engine.generate import generate
+from ..engine.stats import GenerationStats
+from ..errors import GemmaChatError
+from .thinking import ChannelSplitter, strip_channels
+
+SESSION_FORMAT = "gemma-chat.session"
+SESSION_VERSION = 1
+_SLACK = 64  # rollback room of the sliding caches; bounds the draft length (K + 2 <= slack)
+_PROBE = "gemma-chat-probe"
+
+
+@dataclass
+class Settings:
+    """Decoding options; the REPL's slash commands change them between turns."""
+
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    mtp: bool = True
+    draft_tokens: int | None = None  # None: the engine picks K per round from measured costs
+    ignore_eos: bool = False
+    think: bool = False
+
+
+@dataclass
+class Update:
+    thinking: str  # thinking text new in this chunk (shown dimmed, never as channel markers)
+    text: str  # answer text new in this chunk
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+@dataclass
+class Verification:
+    identical: bool | None  # None: not comparable token by token (a sampled answer)
+    first_difference: int | None
+    tokens: int
+    message: str
+
+
+class Turn:
+    """One answer. Iterate for `Update`s while it streams; `close()` stops it early (the partial
+    answer is kept). The fields fill in as it goes."""
+
+    def __init__(
+        self,
+        pair,
+        prompt: list[int],
+        settings: Settings,
+        context: Context,
+        *,
+        max_tokens: int | None = None,
+        dropped: int = 0,
+        on_end=None,
+    ):
+        self.pair = pair
+        self.prompt = prompt
+        self.settings = replace(settings)
+        self.context = context
+        self.max_tokens = max_tokens or settings.max_tokens
+        self.dropped = dropped  # earlier exchanges dropped so that this one fits the context
+        self.used_mtp = settings.mtp and pair.drafter is not None
+        self._recent_drafts: deque[int] = deque(maxlen=4)  # drafts of the latest rounds
+        self.token_ids: list[int] = []
+        self.stats: GenerationStats | None = None
+        self.finish_reason: str | None = None  # "stop", "length" or "interrupted"
+        self.splitter = ChannelSplitter(pair.tokenizer)
+        self._on_end = on_end
+        self._updates: Iterator[Update] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.splitter.answer
+
+    @property
+    def thinking(self) -> str:
+        return self.splitter.thinking
+
+    @property
+    def thinking_tokens(self) -> int:
+        return self.splitter.thinking_tokens
+
+    @property
+    def draft_now(self) -> int | None:
+        """Drafts per round now: the fixed K, or what the engine's policy chose lately (0 when
+        it parked drafting; a lone plain round is the baseline probe, not parking); None before
+        the first round or without MTP."""
+        if not self.used_mtp:
+            return None
+        if self.settings.draft_tokens is not None:
+            return self.settings.draft_tokens
+        recent = list(self._recent_drafts)
+        if not recent:
+            return None
+        if 2 * recent.count(0) > len(recent):
+            return 0
+        return next(k for k in reversed(recent) if k)
+
+    def __iter__(self) -> Iterator[Update]:
+        if self._updates is None:
+            self._updates = self._run()
+        return self._updates
+
+    def close(self) -> None:
+        if self._updates is not None:
+            self._updates.close()
+
+    def run(self) -> "Turn":
+        """Generate to the end without showing anything."""
+        for _ in self:
+            pass
+        return self
+
+    def _run(self) -> Iterator[Update]:
+        s = self.settings
+        chunks = generate(
+            self.pair,
+            self.prompt,
+            max_tokens=self.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=s.seed,
+            mtp=s.mtp,
+            draft_tokens=s.draft_tokens,
+            ignore_eos=s.ignore_eos,
+            context=self.context,
+        )
+        try:
+            for chunk in chunks:
+                self.token_ids += chunk.token_ids
+                self.stats = chunk.stats
+                if chunk.round is not None:
+                    self._recent_drafts.append(chunk.round.drafted)
+                thinking, text = self.splitter.feed(chunk.token_ids)
+                if chunk.finish_reason:
+                    more_thinking, more_text = self.splitter.finish()
+                    thinking, text = thinking + more_thinking, text + more_text
+                    self.finish_reason = chunk.finish_reason
+                yield Update(thinking, text, chunk.token_ids, chunk.stats)
+        except GeneratorExit:
+            # Closed between chunks: the cache holds exactly the emitted tokens.
+            self._stop()
+            raise
+        except KeyboardInterrupt:
+            # Interrupted inside a round: the cache may hold half of it; start it afresh.
+            self.context.reset()
+            self._stop()
+            raise
+        finally:
+            chunks.close()
+            if self.finish_reason and self._on_end:
+                self._on_end(self)
+
+    def _stop(self):
+        if self.finish_reason is None:
+            self.finish_reason = "interrupted"
+            self.splitter.finish()
+
+
+class Session:
+    def __init__(
+        self,
+        pair,
+        settings: Settings | None = None,
+        *,
+        system: str | None = None,
+        model_name: str | None = None,
+    ):
+        self.pair = pair
+        self.settings = settings or Settings()
+        self.system = system or None
+        self.model_name = model_name or pair.name
+        self.messages: list[dict] = []  # user and assistant turns; the system prompt is apart
+        self.context = Context(pair.target, slack=_SLACK)
+        self.last: Turn | None = None
+        self.baseline: float | None = None  # plain decode tok/s measured in an earlier answer
+        self._carried: list[int] | None = None
+        self._turn_end = self._turn_end_ids()
+        self._check_draft_tokens(self.settings.draft_tokens)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def has_drafter(self) -> bool:
+        return self.pair.drafter is not None
+
+    @property
+    def mtp_on(self) -> bool:
+        return self.settings.mtp and self.has_drafter
+
+    def mtp_state(self) -> str:
+        if not self.has_drafter:
+            return "MTP off (no drafter)"
+        k = self.settings.draft_tokens
+        if not self.settings.mtp:
+            return "MTP off"
+        if k is None:
+            return "MTP on, K auto (chosen per round from measured costs)"
+        return "MTP parked (K = 0)" if k == 0 else f"MTP on, K = {k}"
+
+    @property
+    def context_used(self) -> int:
+        return len(self.context.tokens)
+
+    @property
+    def context_limit(self) -> int:
+        return self.context.limit
+
+    def reset(self) -> None:
+        self.messages = []
+        self._carried = None
+        self.last = None
+        self.context.reset()
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+        self._carried = None
+
+    def set_think(self, on: bool) -> None:
+        if on != self.settings.think:
+            self.settings.think = on
+            self._carried = None  # the system turn says whether thinking is on
+
+    def set_mtp(self, value: str) -> str:
+        """`on`, `off`, `auto` (K per round from measured costs) or a fixed draft length K
+        (0 parks drafting); returns what is now in effect."""
+        value = value.strip().lower()
+        if value not in ("on", "off", "auto") and not value.isdigit():
+            raise GemmaChatError("usage: /mtp on|off|auto|K (K drafts per round, 0 parks drafting)")
+        if value != "off" and not self.has_drafter:
+            raise GemmaChatError("no drafter is loaded (started with --no-mtp, or none found)")
+        if value.isdigit():
+            self._check_draft_tokens(int(value))
+            self.settings.draft_tokens = int(value)
+        elif value == "auto":
+            self.settings.draft_tokens = None
+        self.settings.mtp = value != "off"
+        return self.mtp_state()
+
+    def _check_draft_tokens(self, k: int | None) -> None:
+        if k is not None and k + 2 > self.context.slack:
+            raise GemmaChatError(f"at most {self.context.slack - 2} draft tokens")
+
+    # -- turns ---------------------------------------------------------------------------------
+    def ask(self, text: str) -> Turn:
+        """The next answer, to be iterated. Drops the oldest exchanges (keeping the system
+        prompt) when the conversation and the answer would not fit the context."""
+        text = text.strip()
+        if not text:
+            raise GemmaChatError("empty message")
+        user = {"role": "user", "content": text}
+        limit = self.context.limit
+        history, carried, dropped = list(self.messages), self._carried, 0
+        while True:
+            prompt = self._prompt(history, user, carried)
+            if len(prompt) + self.settings.max_tokens < limit or not history:
+                break
+            history, carried, dropped = _drop_oldest(history), None, dropped + 1
+        if len(prompt) >= limit - 1:
+            raise GemmaChatError(
+                f"this message takes {len(prompt)} tokens with the chat template; "
+                f"the context holds {limit}"
+            )
+        if dropped:
+            self.messages, self._carried = history, None
+        return Turn(
+            self.pair,
+            prompt,
+            self.settings,
+            self.context,
+            max_tokens=min(self.settings.max_tokens, limit - 1 - len(prompt)),
+            dropped=dropped,
+            on_end=lambda turn: self._end(user, turn),
+        )
+
+    def complete(self, text: str) -> Turn:
+        """A raw completion of `text` (no chat template), outside the conversation."""
+        prompt = list(self.pair.tokenizer.encode(text))
+        limit = self.context.limit
+        if len(prompt) >= limit - 1:
+            raise GemmaChatError(f"the prompt is {len(prompt)} tokens; the context holds {limit}")
+        return Turn(
+            self.pair,
+            prompt,
+            self.settings,
+            self.context,
+            max_tokens=min(self.settings.max_tokens, limit - 1 - len(prompt)),
+        )
+
+    def _end(self, user: dict, turn: Turn) -> None:
+        if turn.finish_reason == "interrupted" and not turn.token_ids:
+            return  # stopped before a word: as if never asked
+        self.messages += [user, {"role": "assistant", "content": turn.text.strip()}]
+        ids = turn.token_ids
+        if turn.finish_reason == "stop":
+            ids = ids[:-1]  # the end-of-sequence token; the template's end of turn replaces it
+        body = strip_channels(ids, turn.splitter.open_id, turn.splitter.close_id)
+        self._carried = None if self._turn_end is None else turn.prompt + body + self._turn_end
+        self.last = turn
+        if turn.stats is not None and turn.stats.baseline_tokens_per_second:
+            self.baseline = turn.stats.baseline_tokens_per_second
+
+    def _render(self, messages: list[dict], *, generation: bool) -> str:
+        tokenizer = self.pair.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise GemmaChatError("this tokenizer has no chat template; use --raw")
+        full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
+        return tokenizer.apply_chat_template(
+            full,
+            add_generation_prompt=generation,
+            tokenize=False,
+            enable_thinking=self.settings.think,
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.pair.tokenizer.encode(text, add_special_tokens=False))
+
+    def _prompt(self, history: list[dict], user: dict, carried: list[int] | None) -> list[int]:
+        full = self._render(history + [user], generation=True)
+        if carried is not None and history:
+            before = self._render(history, generation=False)
+            if full.startswith(before):
+                return carried + self._encode(full[len(before) :])
+        return self._encode(full)
+
+    def _turn_end_ids(self) -> list[int] | None:
+        """The tokens the template closes a model turn with (Gemma 4: `<turn|>\\n`)."""
+        try:
+            text = self._render(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}],
+                generation=False,
+            )
+        except Exception:  # a template that cannot render this: no carrying, full prefills
+            return None
+        i = text.rfind(_PROBE)
+        return self._encode(text[i + len(_PROBE) :]) if i >= 0 else None
+
+    # -- /verify -------------------------------------------------------------------------------
+    def verify(self) -> Verification:
+        """Replay the last answer by plain greedy decoding and compare the token ids. The
+        replay has a cache of its own: rolling the conversation's back over a long answer would
+        empty it once the sliding window has wrapped, and the next turn would prefill it all."""
+        last = self.last
+        if last is None:
+            raise GemmaChatError("nothing to verify yet: ask something first")
+        n = len(last.token_ids)
+        if last.settings.temperature > 0:
+            return Verification(
+                None,
+                None,
+                n,
+                f"the last answer was sampled (temperature {last.settings.temperature:g}): MTP "
+                "keeps every token distributed exactly as the target's, but a sampled answer is "
+                "not token-identical to a replay; /verify compares greedy answers (--temp 0)",
+            )
+        replay = [
+            t
+            for chunk in generate(
+                self.pair,
+                last.prompt,
+                max_tokens=n,
+                mtp=False,
+                ignore_eos=last.settings.ignore_eos,
+                context=Context(self.pair.target, slack=_SLACK),
+            )
+            for t in chunk.token_ids
+        ]
+        first = next((i for i, (a, b) in enumerate(zip(replay, last.token_ids)) if a != b), None)
+        if first is None and len(replay) != n:
+            first = min(len(replay), n)
+        how = "with MTP" if last.used_mtp else "without MTP"
+        if first is None:
+            message = f"identical: all {n} tokens of the last answer ({how}) match plain decoding"
+        else:
+            message = (
+                f"different: the last answer ({how}) and plain decoding part at token {first} "
+                f"of {n} ({_token_at(last.token_ids, first)} vs {_token_at(replay, first)})"
+            )
+        return Verification(first is None, first, n, message)
+
+    # -- /save and /load -----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        data = {
+            "format": SESSION_FORMAT,
+            "version": SESSION_VERSION,
+            "model": self.model_name,
+            "system": self.system,
+            "think": self.settings.think,
+            "messages": self.messages,
+        }
+        return write_private(
+            Path(path).expanduser(), json.dumps(data, indent=2, ensure_ascii=False)
+        )
+
+    def load(self, path: str | os.PathLike) -> int:
+        """Replace the conversation by a saved one; returns how many messages it has."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GemmaChatError(f"no session file at {path}") from None
+        except OSError as e:
+            raise GemmaChatError(f"cannot read {path}: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GemmaChatError(f"{path} is not a gemma-chat session (not JSON: {e})") from None
+        system, messages, think = _parse_session(data, path)
+        self.system, self.messages = system, messages
+        if think is not None:
+            self.settings.think = think
+        self._carried, self.last = None, None
+        return len(messages)
+
+
+def _drop_oldest(history: list[dict]) -> list[dict]:
+    """History without its first exchange: the first message and anything up to the next user."""
+    rest = history[1:]
+    while rest and rest[0]["role"] != "user":
+        rest = rest[1:]
+    return rest
+
+
+def _token_at(ids: list[int], i: int) -> str:
+    return f"id {ids[i]}" if i < len(ids) else "end"
+
+
+def _parse_session(data, path: Path) -> tuple[str | None, list[dict], bool | None]:
+    def bad(why: str) -> GemmaChatError:
+        return GemmaChatError(f"{path} is not a gemma-chat session ({why})")
+
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise bad("no message list")
+    if data.get("format", SESSION_FORMAT) != SESSION_FORMAT:
+        raise bad(f"format {data.get('format')!r}")
+    if data.get("version", SESSION_VERSION) != SESSION_VERSION:
+        raise bad(f"version {data.get('version')!r}; this gemma-chat reads {SESSION_VERSION}")
+    system = data.get("system")
+    messages = []
+    for i, m in enumerate(data["messages"]):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
+            raise bad(f"message {i} has no text content")
+        role = m.get("role")
+        if role == "system" and i == 0 and system is None:
+            system = m["content"]
+        elif role in ("user", "assistant"):
+            messages.append({"role": role, "content": m["content"]})
+        else:
+            raise bad(f"message {i} has role {role!r}")
+    if system is not None and not isinstance(system, str):
+        raise bad("the system prompt is not text")
+    think = data.get("think")
+    return system or None, copy.deepcopy(messages), think if isinstance(think, bool) else None
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path` atomically (a temporary file renamed over it), mode 0600."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise GemmaChatError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise GemmaChatError(f"cannot write {path}: {e.strerror}") from None
+    return path

@@ -1,0 +1,241 @@
+"""`gemma-chat` through typer's CliRunner: one-shots, scripted chats, JSON, errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gemma_mtp_mlx import __version__
+from gemma_mtp_mlx.chat import session as session_module
+from gemma_mtp_mlx.cli import app, stderr_console, stdout_console
+from gemma_mtp_mlx.loading import load_tokenizer
+from tests import tiny_checkpoints as tc
+from tests.test_chat import build_tiny
+
+STATS_KEYS = {
+    "prompt_tokens",
+    "context_tokens",
+    "generated_tokens",
+    "rounds",
+    "drafted",
+    "accepted",
+    "acceptance_rate",
+    "mean_accepted_length",
+    "tokens_per_second",
+    "baseline_tokens_per_second",
+    "speedup",
+    "peak_memory_bytes",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def short_context(tiny, tmp_path_factory) -> Path:
+    """The tiny target with a 120-token context (and its drafter)."""
+    out = tmp_path_factory.mktemp("short") / "target"
+    shutil.copytree(tiny, out)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = 120
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def gemma(*args: str, input: str | None = None, env: dict | None = None):
+    return CliRunner().invoke(app, list(args), input=input, env=env)
+
+
+def test_one_shot_answer_on_stdout_stats_on_stderr(tiny):
+    r = gemma("--model", str(tiny), "--prompt", "Hello there", "-n", "12")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.endswith("\n") and len(r.stdout.strip()) > 0
+    assert "\x1b" not in r.stdout and "<|channel>" not in r.stdout and "<turn|>" not in r.stdout
+    summary = r.stderr.strip().splitlines()[-1]
+    assert "12 tokens" in summary and "tok/s" in summary and "prompt 26 tokens" in summary
+    plain = gemma("--model", str(tiny), "--prompt", "Hello there", "-n", "12", "--no-mtp")
+    assert plain.stdout == r.stdout and "MTP off" in plain.stderr
+
+
+def test_one_shot_json_and_stdin(tiny):
+    r = gemma("-m", str(tiny), "-p", "-", "-n", "10", "--json", input="Hello there\n")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert set(data) >= {"text", "token_ids", "stats", "finish_reason"}
+    assert STATS_KEYS <= set(data["stats"]) and "thinking_tokens" in data["stats"]
+    assert len(data["token_ids"]) == data["stats"]["generated_tokens"] == 10
+    assert data["stats"]["context_tokens"] == 0 and data["stats"]["prompt_tokens"] == 26
+    raw = gemma("-m", str(tiny), "-p", "The quick brown fox", "-n", "5", "--raw", "--json")
+    assert raw.exit_code == 0, raw.output
+    expected = load_tokenizer(tiny).encode("The quick brown fox")  # <bos> + text, no template
+    assert expected[0] == tc.BOS_ID
+    assert json.loads(raw.stdout)["stats"]["prompt_tokens"] == len(expected)
+
+
+def test_scripted_chat_json_lines_carry_the_cache(tiny):
+    lines = "Hello there\n\nWhat is the capital of France?\nWrite a haiku about the ocean.\n"
+    r = gemma("-m", str(tiny), "-n", "16", "--json", input=lines)
+    assert r.exit_code == 0, r.output
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(answers) == 3
+    first, *later = answers
+    assert first["stats"]["context_tokens"] == 0
+    for a in later:
+        assert a["stats"]["context_tokens"] > 0 and 0 < a["stats"]["prompt_tokens"] < 45
+    plain = gemma("-m", str(tiny), "-n", "16", "--json", "--no-mtp", input=lines)
+    assert [json.loads(x)["token_ids"] for x in plain.stdout.splitlines()] == [
+        a["token_ids"] for a in answers
+    ]
+
+
+def test_scripted_chat_plain_text(tiny):
+    r = gemma("-m", str(tiny), "-n", "8", input="Hello there\nWhat is 2+2?\n")
+    assert r.exit_code == 0, r.output
+    one = gemma("-m", str(tiny), "-n", "8", "-p", "Hello there").stdout
+    assert r.stdout.startswith(one + "\n")  # answers separated by a blank line
+    assert len(r.stderr.strip().splitlines()) == 2  # a stats line per answer
+
+
+def test_scripted_chat_overflow_and_over_long_line(short_context):
+    lines = (
+        "Hello there\nWhat is the capital of France?\n" + "the village " * 60 + "\nWrite a haiku.\n"
+    )
+    r = gemma("-m", str(short_context), "-n", "16", "--json", input=lines)
+    assert r.exit_code == 1  # one turn failed; the others ran
+    assert len(r.stdout.splitlines()) == 3
+    assert "dropped the" in r.stderr and "error: this message takes" in r.stderr
+
+
+def test_over_long_prompt(short_context):
+    r = gemma("-m", str(short_context), "-p", "the village " * 60)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: this message takes") and "context holds 120" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def fail(*args: str, env: dict | None = None) -> str:
+    r = gemma(*args, env=env)
+    assert r.exit_code == 1, r.output
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_missing_model_offline(tmp_path):
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+    }
+    line = fail("-m", "e4b", "-p", "hi", env=env)
+    assert "google/gemma-4-E4B-it" in line and "offline" in line
+    assert "unknown model" in fail("-m", "./no/such/folder", "-p", "hi")
+
+
+def test_drafter_that_does_not_fit(tiny, tmp_path):
+    bad = shutil.copytree(tiny / "assistant", tmp_path / "bad-assistant")
+    config = json.loads((bad / "config.json").read_text())
+    config["backbone_hidden_size"] = 128
+    (bad / "config.json").write_text(json.dumps(config))
+    line = fail("-m", str(tiny), "--drafter", str(bad), "-p", "hi")
+    assert "does not fit the target" in line
+    assert "not a Gemma 4 MTP assistant" in fail(
+        "-m", str(tiny), "--drafter", str(tiny), "-p", "hi"
+    )
+
+
+def test_broken_weights(tiny, tmp_path):
+    broken = shutil.copytree(tiny, tmp_path / "broken", ignore=shutil.ignore_patterns("assistant"))
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "cannot read model.safetensors" in fail("-m", str(broken), "-p", "hi")
+    r = gemma("-m", str(broken), "-p", "hi", "--debug")
+    assert r.exit_code == 1 and "Traceback" in r.stderr
+
+
+def test_usage_errors_version_and_flags():
+    assert gemma("--temp", "-1", "-p", "x").exit_code == 2
+    assert gemma("--no-such-flag").exit_code == 2
+    r = gemma("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"gemma-chat {__version__}"
+    help_text = gemma("--help").stdout
+    for flag in (
+        "--prompt",
+        "--model",
+        "--drafter",
+        "--no-mtp",
+        "--max-tokens",
+        "--temp",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--draft-tokens",
+        "--system",
+        "--think",
+        "--no-think",
+        "--raw",
+        "--ignore-eos",
+        "--json",
+        "--debug",
+        "--version",
+    ):
+        assert flag in help_text
+    assert "--raw needs --prompt" in fail("--raw")
+
+
+def test_empty_prompt(tiny):
+    assert "empty" in fail("-m", str(tiny), "-p", "  ")
+
+
+def test_keyboard_interrupt_exits_130(tiny, monkeypatch):
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(session_module, "generate", interrupted)
+    r = gemma("-m", str(tiny), "-p", "Hello there")
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted"
+
+
+def test_no_color(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert stdout_console().no_color and stderr_console().no_color
+
+
+def test_closed_pipe_ends_quietly(tiny):
+    code = "from gemma_mtp_mlx.cli import main; main()"
+    args = [sys.executable, "-c", code, "-m", str(tiny), "-p", "Hello", "-n", "400", "--ignore-eos"]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err and "error" not in err
+
+
+def test_thinking_is_reported_apart(tiny, monkeypatch):
+    from tests.test_chat import fake_generate
+
+    tok = load_tokenizer(tiny)
+    thought = tok.encode("thought\nLet me think about it", add_special_tokens=False)
+    answer = tok.encode("The answer is four.", add_special_tokens=False)
+    out = [tc.CHANNEL_OPEN_ID, *thought, tc.CHANNEL_CLOSE_ID, *answer, tc.END_OF_TURN_ID]
+    monkeypatch.setattr(session_module, "generate", fake_generate(out))
+    r = gemma("-m", str(tiny), "-p", "What is 2+2?", "--think", "--json")
+    data = json.loads(r.stdout)
+    assert data["text"] == "The answer is four." and data["thinking"] == "Let me think about it"
+    assert data["stats"]["thinking_tokens"] == len(thought)
+    r = gemma("-m", str(tiny), "-p", "What is 2+2?", "--think")
+    assert r.stdout == "The answer is four.\n"  # the thinking goes to stderr, never stdout
+    assert "Let me think about it" in r.stderr and "<|channel>" not in r.stderr
