@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +18,7 @@ from rich.markup import escape
 
 from . import __version__
 from .aliases import DEFAULT_MODEL
+from .bench import command as bench_command
 from .chat.session import Session, Settings, Turn
 from .chat.view import AnswerView
 from .errors import GemmaChatError
@@ -228,6 +230,53 @@ def doctor():
     from .doctor import run
 
     raise typer.Exit(run(Console(no_color="NO_COLOR" in os.environ)))
+
+
+app.command("bench")(bench_command)
+
+
+@app.command("train-drafter")
+def train_drafter_command(
+    target: Annotated[str, typer.Option(help="The frozen target: alias, hub repo id or folder.")],
+    data: Annotated[list[Path], typer.Option(help="Text files (or folders of .txt) to distil on.")],
+    out: Annotated[Path, typer.Option(help="Folder for the drafter (resumes if it holds a run).")],
+    minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of this run.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Total optimizer steps (resumed runs count).")] = None,
+    hidden_size: Annotated[int, typer.Option(help="Drafter width.")] = 128,
+    layers: Annotated[int, typer.Option(help="Drafter depth (sliding layers, then one full).")] = 4,
+    intermediate_size: Annotated[int, typer.Option()] = 512,
+    depth: Annotated[int, typer.Option(help="Draft steps unrolled in the loss.")] = 3,
+    seq_len: Annotated[int, typer.Option()] = 256,
+    batch: Annotated[int, typer.Option()] = 8,
+    lr: Annotated[float, typer.Option()] = 2e-3,
+    self_distill: Annotated[float, typer.Option(help="Share of windows that are the target's own greedy text.")] = 0.5,
+    seed: Annotated[int, typer.Option()] = 0,
+    debug: Annotated[bool, typer.Option("--debug")] = False,
+):
+    """Distil a Gemma 4 MTP drafter for a target on text: `--drafter OUT` then uses it."""
+    from .distill import train_drafter
+    from .loading import resolve
+
+    err = stderr_console()
+    try:
+        result = train_drafter(
+            resolve(target), data, out, hidden_size=hidden_size, num_layers=layers,
+            intermediate_size=intermediate_size, depth=depth, seq_len=seq_len, batch=batch,
+            lr=lr, minutes=minutes, steps=steps, self_distill_fraction=self_distill, seed=seed,
+            progress=err,
+        )
+    except GemmaChatError as e:
+        _fail(err, str(e), debug)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the last checkpoint is in {out}")
+        raise typer.Exit(130) from None
+    accuracy = " / ".join(f"{a:.2f}" for a in result["accuracy"])
+    acceptance = result.get("acceptance")
+    err.print(
+        f"{result['steps']} steps, loss {result['loss']:.3f}, agreement by depth {accuracy}"
+        + (f", greedy acceptance {acceptance:.2f}" if acceptance is not None else "")
+        + f" -> {out}"
+    )
 
 
 def main():

@@ -221,7 +221,7 @@ def main():
             shutil.copy(f, work / "target" / f.name)
     if args.stage in ("all", "drafter"):
         subprocess.run(
-            [sys.executable, "-m", "gemma_mtp_mlx.cli", "train-drafter", "--target", str(work / "target"),
+            [str(Path(sys.executable).with_name("gemma-chat")), "train-drafter", "--target", str(work / "target"),
              "--data", str(work / "train.txt"), "--out", str(work / "assistant"),
              "--minutes", str(args.drafter_minutes)],
             check=True,
