@@ -15,8 +15,8 @@ test:
 	$(PY) -m pytest
 
 demo:
-	# The smallest real pair until the offline demo pair ships (issue 5).
-	.venv/bin/gemma-chat --model e2b --prompt "Write a haiku about speculative decoding."
+	# The Shakespeare demo pair shipped in the package: runs offline, on any machine.
+	$(PRELOAD) .venv/bin/gemma-chat --model demo
 
 bench:
 	$(PRELOAD) $(PY) scripts/bench.py
