@@ -25,8 +25,10 @@ def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
     for _ in range(30):
         policy.update(1, 0)
     assert policy.parked
-    choices = [policy.choose(limit=2) for _ in range(2 * PROBE_EVERY)]
-    assert choices.count(1) == 2 and choices.count(0) == 2 * PROBE_EVERY - 2
+    # Probes after PROBE_EVERY parked rounds, then after twice as many, and so on.
+    choices = [policy.choose(limit=2) for _ in range(7 * PROBE_EVERY)]
+    probes = [i + 1 for i, k in enumerate(choices) if k]
+    assert probes == [PROBE_EVERY, 3 * PROBE_EVERY, 7 * PROBE_EVERY]
 
 
 def test_policy_rounds_are_lossless_and_cost_measurement_leaves_no_trace(echo_pairs):

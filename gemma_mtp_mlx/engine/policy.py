@@ -4,8 +4,10 @@ seen so far; K = 0 ("parked") when drafting cannot beat plain decoding.
 With a_i the running probability that draft i is accepted once drafts 1..i-1 were, a round of
 K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens and costs
 C(K) = verify(K + 1) + K * draft_step. The policy picks the K with the highest E(K) / C(K);
-plain decoding is K = 0 at 1 / verify(1). While parked, every PROBE_EVERY-th round drafts once
-more so that a workload that turns predictable unparks.
+plain decoding is K = 0 at 1 / verify(1). While parked, a round now and then drafts once more so
+that a workload that turns predictable unparks; each probe that does not unpark doubles the wait
+for the next (PROBE_EVERY rounds up to MAX_PROBE_INTERVAL), so a drafter that never hits costs
+next to nothing.
 """
 
 import itertools
@@ -17,6 +19,7 @@ import mlx.core as mx
 from .context import Context
 
 PROBE_EVERY = 8
+MAX_PROBE_INTERVAL = 128
 # Acceptance estimates start optimistic-but-uncertain and follow recent rounds (exponential decay).
 PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
 
@@ -83,6 +86,7 @@ class DraftPolicy:
         self.accepted = [PRIOR_ACCEPTED * PRIOR_SEEN] * costs.max_draft
         self.seen = [PRIOR_SEEN] * costs.max_draft
         self.parked_rounds = 0
+        self.probe_interval = PROBE_EVERY
 
     @property
     def acceptance(self) -> list[float]:
@@ -98,10 +102,11 @@ class DraftPolicy:
         k = self.best()
         if k == 0:
             self.parked_rounds += 1
-            if self.parked_rounds % PROBE_EVERY == 0:
-                k = 1
+            if self.parked_rounds >= self.probe_interval:
+                k, self.parked_rounds = 1, 0
+                self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
         else:
-            self.parked_rounds = 0
+            self.parked_rounds, self.probe_interval = 0, PROBE_EVERY
         return min(k, limit)
 
     def update(self, drafted: int, accepted: int) -> None:
