@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from ..errors import GemmaChatError
 from .context import Context
+from .plain import PlainSteps
 from .policy import DraftPolicy, measure_costs
 from .sampling import SamplerSettings, ban_bias, probabilities, sample
 from .speculative import KeyStream, run_round
@@ -100,38 +101,48 @@ def generate(
     detok = pair.tokenizer.detokenizer
     detok.reset()
     emitted: list[int] = []
-    rounds, last_round = 0, None
-    while True:
-        stop_at = None if ignore_eos else next((i for i, t in enumerate(new) if t in eos), None)
-        finish = None
-        if stop_at is not None:
-            finish = "stop"
-            ctx.rewind(len(new) - 1 - stop_at)  # tokens after the end of sequence never count
-            new = new[: stop_at + 1]
-        elif len(emitted) + len(new) >= max_tokens:
-            finish = "length"
-            ctx.rewind(len(emitted) + len(new) - max_tokens)
-            new = new[: max_tokens - len(emitted)]
-        emitted += new
-        stats.generated_tokens = len(emitted)
-        stats.peak_memory_bytes = mx.get_peak_memory()
-        for t in new:
-            detok.add_token(t)
-        if finish:
-            detok.finalize()
-            yield Chunk(detok.last_segment, new, stats, finish, last_round)
-            return
-        yield Chunk(detok.last_segment, new, stats, None, last_round)
+    rounds, last_round, plain = 0, None, None
+    try:
+        while True:
+            stop_at = None if ignore_eos else next((i for i, t in enumerate(new) if t in eos), None)
+            finish = None
+            if stop_at is not None:
+                finish = "stop"
+            elif len(emitted) + len(new) >= max_tokens:
+                finish = "length"
+                stop_at = max_tokens - len(emitted) - 1
+            if finish:
+                if plain:
+                    plain.close()
+                ctx.rewind(len(new) - 1 - stop_at)  # what follows the last token never counts
+                new = new[: stop_at + 1]
+            emitted += new
+            stats.generated_tokens = len(emitted)
+            stats.peak_memory_bytes = mx.get_peak_memory()
+            for t in new:
+                detok.add_token(t)
+            if finish:
+                detok.finalize()
+                yield Chunk(detok.last_segment, new, stats, finish, last_round)
+                return
+            yield Chunk(detok.last_segment, new, stats, None, last_round)
 
-        # Every PROBE_EVERY-th round is a plain step: the measured baseline (see stats.py).
-        limit = min(k, max_tokens - len(emitted) - 1)
-        if k and rounds % PROBE_EVERY == PROBE_EVERY - 1:
-            round_k = 0
-        else:
-            round_k = policy.choose(limit) if policy else limit
-        result = run_round(ctx, drafter, token, hidden, round_k, settings, bias, keys)
-        if policy:
-            policy.update(result.stats.drafted, result.stats.accepted)
-        stats.add_round(result.stats)
-        rounds += 1
-        new, token, hidden, last_round = result.tokens, result.token, result.hidden, result.stats
+            if drafter is None:
+                plain = plain or PlainSteps(ctx, token, settings, bias, keys)
+                result = plain.step()
+            else:
+                # Every PROBE_EVERY-th round is a plain step: the measured baseline (stats.py).
+                limit = min(k, max_tokens - len(emitted) - 1)
+                if rounds % PROBE_EVERY == PROBE_EVERY - 1:
+                    round_k = 0
+                else:
+                    round_k = policy.choose(limit) if policy else limit
+                result = run_round(ctx, drafter, token, hidden, round_k, settings, bias, keys)
+                if policy:
+                    policy.update(result.stats.drafted, result.stats.accepted)
+            stats.add_round(result.stats)
+            rounds += 1
+            new, token, hidden, last_round = result.tokens, result.token, result.hidden, result.stats
+    finally:
+        if plain:  # an answer stopped early by its reader
+            plain.close()
