@@ -118,7 +118,7 @@ def run_round(
     drafts, q = mx.zeros((0,), mx.int32), None
     if k:
         drafts, q = draft(ctx, drafter, token, hidden, k, settings, bias, keys)
-        mx.eval(drafts, q) if q is not None else mx.eval(drafts)
+        mx.eval(drafts if q is None else [drafts, q])
     drafted = time.perf_counter()
 
     block = mx.concatenate([token.reshape(1), drafts.astype(token.dtype)])[None]

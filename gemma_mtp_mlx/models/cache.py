@@ -128,9 +128,6 @@ class SlidingWindowCache:
         return slot_positions(self.offset, n, self.capacity)
 
     # -- rollback --------------------------------------------------------------------------
-    def is_trimmable(self) -> bool:
-        return True
-
     def can_trim(self, n: int) -> bool:
         """Before the ring wraps every position is still stored; after, only `slack` can go."""
         return self.offset <= self.capacity or n <= self.slack
@@ -142,9 +139,6 @@ class SlidingWindowCache:
         self.offset -= n
         return n
 
-    def size(self) -> int:
-        return self.offset
-
     @property
     def state(self):
         return self.keys, self.values
@@ -152,16 +146,3 @@ class SlidingWindowCache:
     @state.setter
     def state(self, v):
         self.keys, self.values = v
-
-    @property
-    def meta_state(self):
-        return tuple(map(str, (self.window, self.slack, self.offset)))
-
-    @meta_state.setter
-    def meta_state(self, v):
-        self.window, self.slack, self.offset = map(int, v)
-        self.capacity = self.window + self.slack
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

@@ -345,10 +345,6 @@ class Model(nn.Module):
         full_keys, full_values = cache[self.args.store_layer(FULL)].keys_and_values()
         return {SLIDING: (keys, values, mask), FULL: (full_keys, full_values, None)}
 
-    @property
-    def layers(self):
-        return self.model.layers
-
     def make_cache(self, slack: int = 64) -> list:
         """One cache per non-shared layer. `slack` bounds how many tokens can be rolled back
         on sliding layers once the window has wrapped (a verify block's length)."""
