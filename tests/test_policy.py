@@ -7,13 +7,13 @@ PROMPT = [2, 40, 77, 301, 12]
 
 
 def test_expected_tokens_per_second():
-    costs = CostModel(verify_seconds=[1.0, 1.0, 1.0], draft_step_seconds=0.0)
+    costs = CostModel(verify_seconds=[1.0, 1.0, 1.0], draft_step_seconds=0.0, plain_step_seconds=1.0)
     assert costs.tokens_per_second(0, [0.5, 0.5]) == 1.0
     assert costs.tokens_per_second(2, [0.5, 0.5]) == 1.75  # 1 + 0.5 + 0.25
 
 
 def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
-    policy = DraftPolicy(CostModel([1.0, 1.05, 1.1, 1.15, 1.2], 0.02))
+    policy = DraftPolicy(CostModel([1.0, 1.05, 1.1, 1.15, 1.2], 0.02, 1.0))
     for _ in range(30):
         policy.update(4, 4)
     assert policy.choose(limit=10) == 4
@@ -21,7 +21,7 @@ def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
 
 
 def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
-    policy = DraftPolicy(CostModel([1.0, 1.6, 2.2], 0.2))
+    policy = DraftPolicy(CostModel([1.0, 1.6, 2.2], 0.2, 1.0))
     for _ in range(30):
         policy.update(1, 0)
     assert policy.parked

@@ -127,19 +127,27 @@ def generate(
                 return
             yield Chunk(detok.last_segment, new, stats, None, last_round)
 
-            if drafter is None:
+            # Rounds that draft nothing are plain decoding, pipelined (engine/plain.py); every
+            # PROBE_EVERY-th round is one of them, to measure the baseline (stats.py).
+            handed = None
+            round_k = 0
+            if drafter is not None and rounds % PROBE_EVERY != PROBE_EVERY - 1:
+                # A running plain pipeline hands over one more token before drafting starts.
+                limit = max(0, min(k, max_tokens - len(emitted) - 1 - (plain is not None)))
+                round_k = policy.choose(limit) if policy else limit
+            if round_k == 0:
                 plain = plain or PlainSteps(ctx, token, settings, bias, keys)
                 result = plain.step()
             else:
-                # Every PROBE_EVERY-th round is a plain step: the measured baseline (stats.py).
-                limit = min(k, max_tokens - len(emitted) - 1)
-                if rounds % PROBE_EVERY == PROBE_EVERY - 1:
-                    round_k = 0
-                else:
-                    round_k = policy.choose(limit) if policy else limit
+                if plain:
+                    handed, plain = plain.hand_over(), None
+                    stats.add_round(handed.stats)
+                    token, hidden = handed.token, handed.hidden
                 result = run_round(ctx, drafter, token, hidden, round_k, settings, bias, keys)
                 if policy:
                     policy.update(result.stats.drafted, result.stats.accepted)
+                if handed:
+                    result.tokens = handed.tokens + result.tokens
             stats.add_round(result.stats)
             rounds += 1
             new, token, hidden, last_round = result.tokens, result.token, result.hidden, result.stats

@@ -1,8 +1,12 @@
-"""Plain decoding (no drafter), pipelined: the forward for token n+1 is queued before the host
+"""Plain decoding (no drafts), pipelined: the forward for token n+1 is queued before the host
 reads token n, so building the next graph overlaps the current computation (as mlx-lm's
 `async_eval` loop does). The queued step has already put the newest token into the cache and
-into `Context.tokens` (they always agree); `close()` takes that look-ahead back out, leaving the
-usual state: everything but the newest token cached.
+into `Context.tokens` (they always agree).
+
+Two ways out: `close()` takes that look-ahead back out, leaving the usual state (everything but
+the newest token cached); `hand_over()` instead waits for the queued token and returns it as a
+finished step with the hidden state a speculative round starts from, so switching from plain to
+drafting (the policy unparking) wastes no forward.
 """
 
 import time
@@ -18,15 +22,16 @@ from .stats import RoundStats
 class PlainSteps:
     def __init__(self, ctx: Context, token: mx.array, settings: SamplerSettings, bias, keys: KeyStream):
         self.ctx, self.settings, self.bias, self.keys = ctx, settings, bias, keys
-        self.queued = self._feed(token)
+        self.queued, self.queued_hidden = self._feed(token)
         ctx.tokens.append(token.item())
         self.last = time.perf_counter()
         self.open = True
 
-    def _feed(self, token: mx.array) -> mx.array:
+    def _feed(self, token: mx.array) -> tuple[mx.array, mx.array]:
         """Put `token` (possibly not computed yet) into the cache and queue the computation of
         the token after it."""
-        logits = self.ctx.target(token, self.ctx.cache, last_only=True)[0, -1]
+        logits, hidden = self.ctx.target(token, self.ctx.cache, return_hidden=True, last_only=True)
+        logits = logits[0, -1]
         if self.bias is not None:
             logits = logits + self.bias
         if self.settings.greedy:
@@ -34,17 +39,27 @@ class PlainSteps:
         else:
             nxt = sample(probabilities(logits, self.settings), self.keys())
         nxt = nxt.reshape(1, 1)
-        mx.async_eval(nxt)
-        return nxt
+        mx.async_eval(nxt, hidden)
+        return nxt, hidden
 
-    def step(self) -> RoundResult:
-        token = self.queued
-        self.queued = self._feed(token)  # queued before the host waits for `token`
+    def _finish(self, token: mx.array, hidden: mx.array) -> RoundResult:
         token_id = token.item()
-        self.ctx.tokens.append(token_id)
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
-        return RoundResult([token_id], token, None, RoundStats(0, 0, 1, 0.0, seconds, seconds))
+        return RoundResult([token_id], token, hidden, RoundStats(0, 0, 1, 0.0, seconds, seconds))
+
+    def step(self) -> RoundResult:
+        """The next token; its own forward is queued before the host waits for it."""
+        token, hidden = self.queued, self.queued_hidden
+        self.queued, self.queued_hidden = self._feed(token)
+        self.ctx.tokens.append(token.item())
+        return self._finish(token, hidden)
+
+    def hand_over(self) -> RoundResult:
+        """The queued token as one more plain step, leaving the state a speculative round
+        starts from: everything before it cached, and the hidden state that produced it."""
+        self.open = False
+        return self._finish(self.queued, self.queued_hidden)
 
     def close(self) -> None:
         if self.open:

@@ -4,7 +4,8 @@ seen so far; K = 0 ("parked") when drafting cannot beat plain decoding.
 With a_i the running probability that draft i is accepted once drafts 1..i-1 were, a round of
 K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens and costs
 C(K) = verify(K + 1) + K * draft_step. The policy picks the K with the highest E(K) / C(K);
-plain decoding is K = 0 at 1 / verify(1). While parked, a round now and then drafts once more so
+plain decoding is K = 0 at 1 / plain_step, the measured step of the pipelined plain loop
+(engine/plain.py), which hides the host's work that a speculative round has to wait for. While parked, a round now and then drafts once more so
 that a workload that turns predictable unparks; each probe that does not unpark doubles the wait
 for the next (PROBE_EVERY rounds up to MAX_PROBE_INTERVAL), so a drafter that never hits costs
 next to nothing.
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .context import Context
+from .plain import PlainSteps
+from .sampling import SamplerSettings
+from .speculative import KeyStream
 
 PROBE_EVERY = 8
 MAX_PROBE_INTERVAL = 128
@@ -28,6 +32,7 @@ PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
 class CostModel:
     verify_seconds: list[float]  # [T - 1] -> a target forward of T tokens on a warm cache
     draft_step_seconds: float
+    plain_step_seconds: float  # one step of pipelined plain decoding
 
     @property
     def max_draft(self) -> int:
@@ -38,6 +43,8 @@ class CostModel:
         for a in acceptance[:k]:
             survive *= a
             expected += survive
+        if k == 0:
+            return 1.0 / self.plain_step_seconds
         return expected / (self.verify_seconds[k] + k * self.draft_step_seconds)
 
 
@@ -53,9 +60,12 @@ def _fastest_seconds(run, repeats: int = 5) -> float:
     return min(times)
 
 
+PLAIN_STEPS = 8  # pipelined plain steps per timed run (the pipeline needs a few to fill)
+
+
 def measure_costs(ctx: Context, drafter, token: mx.array, hidden: mx.array, max_draft: int) -> CostModel:
-    """Time target forwards of 1..max_draft+1 tokens and one drafter step at the current context,
-    rolling every cache back afterwards (the measurement leaves no trace)."""
+    """Time target forwards of 1..max_draft+1 tokens, one drafter step and a pipelined plain
+    step at the current context, rolling every cache back afterwards (no trace is left)."""
     target = ctx.target
 
     def verify(t: int):
@@ -74,10 +84,25 @@ def measure_costs(ctx: Context, drafter, token: mx.array, hidden: mx.array, max_
         y, g = drafter(embedding, hidden, kv, ctx.cache[0].offset)
         mx.eval(drafter.candidate_logits(y[0, 0])[1], g)
 
+    def plain_step() -> float:
+        """Seconds per step once the pipeline is full (the first step fills it)."""
+        held = len(ctx.tokens)
+        steps = PlainSteps(ctx, token, SamplerSettings(), None, KeyStream(0))
+        steps.step()
+        start = time.perf_counter()
+        for _ in range(PLAIN_STEPS):
+            steps.step()
+        seconds = (time.perf_counter() - start) / PLAIN_STEPS
+        mx.eval(steps.queued)  # let the look-ahead finish before anything else is timed
+        steps.close()
+        ctx.rewind(len(ctx.tokens) - held)
+        return seconds
+
     seconds = [_fastest_seconds(verify(t)) for t in range(1, max_draft + 2)]
     # A forward over more tokens never costs less: smooth out timing noise that says otherwise.
     seconds = list(itertools.accumulate(seconds, max))
-    return CostModel(seconds, _fastest_seconds(draft_step))
+    plain = min(plain_step() for _ in range(3))
+    return CostModel(seconds, _fastest_seconds(draft_step), plain)
 
 
 class DraftPolicy:
