@@ -244,7 +244,8 @@ class NeverHit:
     def candidate_logits(self, y: mx.array) -> tuple[None, mx.array]:
         _, logits = self.drafter.candidate_logits(y)
         # Built from the real logits, so the head still runs (MLX evaluates lazily).
-        return None, mx.where(self.is_token, logits.max() + 1.0, logits.min() - 1.0)
+        top = logits.max(axis=-1, keepdims=True) + 1.0  # per row: [V] or [B, V] logits
+        return None, mx.where(self.is_token, top, logits.min(axis=-1, keepdims=True) - 1.0)
 
 
 def never_hit_pair(pair):
@@ -252,7 +253,7 @@ def never_hit_pair(pair):
     pad = getattr(pair.tokenizer, "pad_token_id", None)
     token = pad if pad is not None and pad not in eos else 0
     drafter = NeverHit(pair.drafter, token, pair.target.args.vocab_size)
-    return dataclasses.replace(pair, drafter=drafter)
+    return dataclasses.replace(pair, drafter=drafter, costs={})
 
 
 # -- cost curves -------------------------------------------------------------------------------
@@ -763,7 +764,7 @@ def _nbytes(module) -> int:
 
 def _policy_costs(pair) -> dict | None:
     """The cost model the engine's draft-length policy measured for this pair, if it did."""
-    costs = getattr(pair, "costs", None)
+    costs = pair.costs.get(1)
     if costs is None:
         return None
     base = costs.verify_seconds[0]

@@ -1,5 +1,5 @@
-"""The `gemma-chat` command: one-shot answers (`--prompt`), scripted and interactive chat,
-and the `doctor` subcommand.
+"""The `gemma-chat` command: one-shot answers (`--prompt`, or `--prompt-file` with `--batch`),
+scripted and interactive chat, and the `doctor`, `bench` and `train-drafter` subcommands.
 
 Answers go to stdout; progress, warnings and statistics to stderr. Failures print one line
 and exit 1 (typer's usage errors exit 2); `--debug` shows the traceback instead.
@@ -22,6 +22,7 @@ from .bench import command as bench_command
 from .chat.session import Session, Settings, Turn
 from .chat.view import AnswerView
 from .errors import GemmaChatError
+from .prompt_file import answer_file, read_prompts
 
 app = typer.Typer(
     add_completion=False,
@@ -47,6 +48,8 @@ def _version(value: bool):
 def main_command(
     ctx: typer.Context,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this and exit ('-' reads stdin).")] = None,
+    prompt_file: Annotated[str | None, typer.Option("--prompt-file", help="Answer each line of this file ('-': stdin) on its own, one answer per line.")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", "-b", min=1, help="With --prompt-file: prompts answered at once (default 1).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Alias (e2b, e4b, 26b, 31b, demo), hub repo id or folder.")] = DEFAULT_MODEL,
     drafter: Annotated[str, typer.Option(help="MTP drafter: 'auto', a hub repo id or a folder.")] = "auto",
     no_mtp: Annotated[bool, typer.Option("--no-mtp", help="Plain decoding with the target alone.")] = False,
@@ -82,9 +85,13 @@ def main_command(
         think=think,
     )
     try:
-        interactive = prompt is None and sys.stdin.isatty() and sys.stdout.isatty()
-        if raw and prompt is None:
-            raise GemmaChatError("--raw needs --prompt")
+        interactive = prompt is None and prompt_file is None and sys.stdin.isatty() and sys.stdout.isatty()
+        if prompt is not None and prompt_file is not None:
+            raise GemmaChatError("--prompt and --prompt-file cannot be combined")
+        if batch is not None and prompt_file is None:
+            raise GemmaChatError("--batch needs --prompt-file")
+        if raw and prompt is None and prompt_file is None:
+            raise GemmaChatError("--raw needs --prompt or --prompt-file")
         if interactive and as_json:
             raise GemmaChatError("--json needs --prompt or input from a pipe")
         text = None
@@ -92,11 +99,15 @@ def main_command(
             text = sys.stdin.read() if prompt == "-" else prompt
             if not text.strip():
                 raise GemmaChatError("the prompt is empty")
+        texts = read_prompts(prompt_file) if prompt_file is not None else None
         pair = _load(err, model, None if no_mtp else drafter, quantize)
         if pair.drafter is None and not no_mtp:
             err.print(f"warning: no MTP drafter found for {model}: plain decoding", style="yellow")
         session = Session(pair, settings, system=system, model_name=model)
-        if text is not None:
+        if texts is not None:
+            if not answer_file(session, texts, batch=batch or 1, raw=raw, as_json=as_json, err=err):
+                raise typer.Exit(1)
+        elif text is not None:
             one_shot(session, text, raw=raw, as_json=as_json, err=err)
         elif interactive:
             from .chat.repl import run_repl

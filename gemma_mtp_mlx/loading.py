@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,7 +32,9 @@ class Pair:
     tokenizer: object  # mlx_lm TokenizerWrapper
     target_path: Path
     drafter_path: Path | None = None
-    costs: object = None  # the draft policy's cost model, measured on first use (engine.policy)
+    # The draft policy's cost models by number of rows verified together, measured on first use
+    # (engine/policy.py).
+    costs: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

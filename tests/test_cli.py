@@ -239,3 +239,44 @@ def test_thinking_is_reported_apart(tiny, monkeypatch):
     r = gemma("-m", str(tiny), "-p", "What is 2+2?", "--think")
     assert r.stdout == "The answer is four.\n"  # the thinking goes to stderr, never stdout
     assert "Let me think about it" in r.stderr and "<|channel>" not in r.stderr
+
+
+def test_prompt_file_batches_answer_each_line_like_its_own_prompt(tiny, tmp_path):
+    prompts = ["Hello there", "What is the capital of France?", "Write a haiku about the ocean."]
+    path = tmp_path / "prompts.txt"
+    path.write_text(prompts[0] + "\n\n" + "\n".join(prompts[1:]) + "\n")  # blank lines are skipped
+    singles = [
+        json.loads(gemma("-m", str(tiny), "-p", p, "-n", "12", "--json").stdout)["token_ids"]
+        for p in prompts
+    ]
+    r = gemma("-m", str(tiny), "--prompt-file", str(path), "--batch", "2", "-n", "12", "--json")
+    assert r.exit_code == 0, r.output
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["index"] for a in answers] == [0, 1, 2]
+    assert [a["token_ids"] for a in answers] == singles
+    assert "3 answers" in r.stderr and "batch 2" in r.stderr
+    text = gemma("-m", str(tiny), "--prompt-file", "-", "-b", "3", "-n", "12", input=path.read_text())
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.split("\n")
+    assert len(lines) == 4 and lines[-1] == ""  # one line per answer
+    first = gemma("-m", str(tiny), "-p", prompts[0], "-n", "12").stdout
+    assert lines[0] == first.rstrip("\n").replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def test_prompt_file_with_an_over_long_line_answers_the_rest(short_context, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("Hello there\n" + "the village " * 60 + "\nWrite a haiku.\n")
+    r = gemma("-m", str(short_context), "--prompt-file", str(path), "-b", "2", "-n", "8", "--json")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["index"] for a in answers] == [0, 1, 2]
+    assert "error" in answers[1] and "token_ids" in answers[0] and "token_ids" in answers[2]
+    assert "error: prompt 2 is" in r.stderr
+
+
+def test_prompt_file_usage_errors(tiny, tmp_path):
+    assert "--batch needs --prompt-file" in fail("-m", str(tiny), "--batch", "2", "-p", "hi")
+    assert "cannot be combined" in fail("-m", str(tiny), "-p", "hi", "--prompt-file", "x")
+    assert "cannot read prompts" in fail("-m", str(tiny), "--prompt-file", str(tmp_path / "none.txt"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert "no prompts" in fail("-m", str(tiny), "--prompt-file", str(tmp_path / "empty.txt"))

@@ -297,6 +297,10 @@ class Session:
             on_end=lambda turn: self._end(user, turn),
         )
 
+    def single_prompt(self, text: str) -> list[int]:
+        """A one-message conversation (with the system prompt), encoded as a first `ask` would."""
+        return self._prompt([], {"role": "user", "content": text.strip()}, None)
+
     def complete(self, text: str) -> Turn:
         """A raw completion of `text` (no chat template), outside the conversation."""
         prompt = list(self.pair.tokenizer.encode(text))

@@ -24,7 +24,7 @@ _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _LIST_ITEM = re.compile(r"^\s*([-*+]|\d{1,9}[.)])(\s|$)")
 # Control bytes a model may emit (ESC sequences could drive the terminal): never printed; --json
 # keeps the exact text.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _THINKING = "dim italic"
 
 
@@ -217,9 +217,9 @@ class AnswerView:
         if thinking and not self.answer.text:
             if not self.thought.text and self._live is not None:
                 self._live.console.print(Text("thinking", style="dim bold"))
-            self.thought.text += _CONTROL.sub("", thinking)
+            self.thought.text += CONTROL.sub("", thinking)
         if text:
-            self.answer.text += _CONTROL.sub("", text)
+            self.answer.text += CONTROL.sub("", text)
         now = time.monotonic()
         if now - self._last_refresh >= self.interval:
             self._last_refresh = now
@@ -275,7 +275,7 @@ class AnswerView:
         return self.meter(self.stats) if self.meter else Text("")
 
     def _write_plain(self, thinking: str, text: str) -> None:
-        thinking, text = _CONTROL.sub("", thinking), _CONTROL.sub("", text)
+        thinking, text = CONTROL.sub("", thinking), CONTROL.sub("", text)
         if thinking and self.err is not None:
             self.err.print(
                 thinking, style=_THINKING, end="", highlight=False, markup=False, soft_wrap=True

@@ -11,7 +11,7 @@ from .context import Context
 from .plain import PlainSteps
 from .policy import DraftPolicy, measure_costs
 from .sampling import SamplerSettings, ban_bias, probabilities, sample
-from .speculative import KeyStream, run_round
+from .speculative import KeyStream, Row, run_round
 from .stats import GenerationStats, RoundStats
 
 # The most drafts per round the policy considers (explicit --draft-tokens may ask for more).
@@ -48,6 +48,24 @@ def encode_prompt(
             messages, add_generation_prompt=True, tokenize=True, enable_thinking=think
         )
     )
+
+
+def answer_end(new: list[int], done: int, max_tokens: int, eos: set[int] | None) -> tuple[int, str | None]:
+    """Where the `new` tokens end an answer that already has `done`: (index of the last token
+    kept, "stop" at an end-of-sequence token or "length" at max_tokens), or (-, None)."""
+    stop_at = next((i for i, t in enumerate(new) if t in eos), None) if eos else None
+    if stop_at is not None:
+        return stop_at, "stop"
+    if done + len(new) >= max_tokens:
+        return max_tokens - done - 1, "length"
+    return len(new) - 1, None
+
+
+def first_token(logits: mx.array, settings: SamplerSettings, bias, keys: KeyStream) -> mx.array:
+    """The token after the prompt, [1, 1], from the prefill's last logits [1, 1, V]."""
+    logits = logits[0, 0] if bias is None else logits[0, 0] + bias
+    first = mx.argmax(logits) if settings.greedy else sample(probabilities(logits, settings), keys())
+    return first.reshape(1, 1)
 
 
 def generate(
@@ -87,16 +105,14 @@ def generate(
 
     start = time.perf_counter()
     logits, hidden, stats.prompt_tokens = ctx.prefill(tokens)
-    logits = logits[0, 0] if bias is None else logits[0, 0] + bias
-    first = mx.argmax(logits) if settings.greedy else sample(probabilities(logits, settings), keys())
-    token = first.reshape(1, 1)
+    token = first_token(logits, settings, bias, keys)
     new = [token.item()]
     stats.prefill_seconds = time.perf_counter() - start
     policy = None
     if drafter is not None and draft_tokens is None:
-        if pair.costs is None:  # measured once per pair, on this machine
-            pair.costs = measure_costs(ctx, drafter, token, hidden, k)
-        policy = DraftPolicy(pair.costs)
+        if 1 not in pair.costs:  # measured once per pair, on this machine
+            pair.costs[1] = measure_costs([Row(ctx, token, hidden, keys)], drafter, k)
+        policy = DraftPolicy(pair.costs[1])
 
     detok = pair.tokenizer.detokenizer
     detok.reset()
@@ -104,13 +120,7 @@ def generate(
     rounds, last_round, plain = 0, None, None
     try:
         while True:
-            stop_at = None if ignore_eos else next((i for i, t in enumerate(new) if t in eos), None)
-            finish = None
-            if stop_at is not None:
-                finish = "stop"
-            elif len(emitted) + len(new) >= max_tokens:
-                finish = "length"
-                stop_at = max_tokens - len(emitted) - 1
+            stop_at, finish = answer_end(new, len(emitted), max_tokens, None if ignore_eos else eos)
             if finish:
                 if plain:
                     plain.close()

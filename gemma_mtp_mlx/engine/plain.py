@@ -20,7 +20,9 @@ from .stats import RoundStats
 
 
 class PlainSteps:
-    def __init__(self, ctx: Context, token: mx.array, settings: SamplerSettings, bias, keys: KeyStream):
+    def __init__(
+        self, ctx: Context, token: mx.array, settings: SamplerSettings, bias, keys: KeyStream
+    ):
         self.ctx, self.settings, self.bias, self.keys = ctx, settings, bias, keys
         self.queued, self.queued_hidden = self._feed(token)
         ctx.tokens.append(token.item())

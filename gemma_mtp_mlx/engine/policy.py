@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .context import Context
 from .plain import PlainSteps
 from .sampling import SamplerSettings
-from .speculative import KeyStream
+from .speculative import KeyStream, Row, drafter_inputs, rows_cache
 
 PROBE_EVERY = 8
 MAX_PROBE_INTERVAL = 128
@@ -63,46 +62,54 @@ def _fastest_seconds(run, repeats: int = 5) -> float:
 PLAIN_STEPS = 8  # pipelined plain steps per timed run (the pipeline needs a few to fill)
 
 
-def measure_costs(ctx: Context, drafter, token: mx.array, hidden: mx.array, max_draft: int) -> CostModel:
-    """Time target forwards of 1..max_draft+1 tokens, one drafter step and a pipelined plain
-    step at the current context, rolling every cache back afterwards (no trace is left)."""
-    target = ctx.target
+def measure_costs(rows: list[Row], drafter, max_draft: int) -> CostModel:
+    """Time target forwards of 1..max_draft+1 tokens per row over all `rows` at once, their
+    drafter steps, and a plain step, at the current contexts; every cache is rolled back
+    afterwards (no trace is left). All rows take each drafter step together. The verify blocks hold distinct random tokens: on a MoE,
+    repeated tokens would pick the same experts and make verifying look cheaper than it is.
+    One row decodes plainly through the pipelined loop (engine/plain.py), which is timed as
+    such; a batch's plain step is its one-token verify."""
+    target = rows[0].ctx.target
+    cache = rows_cache(rows)
+    vocab = target.args.vocab_size
 
     def verify(t: int):
+        block = mx.random.randint(0, vocab, (len(rows), t), key=mx.random.key(t))
+
         def run():
-            out = target(mx.repeat(token, t, axis=1), ctx.cache, return_hidden=True)
-            mx.eval(out)
-            for c in ctx.cache:
-                c.trim(t)
+            mx.eval(target(block, cache, return_hidden=True))
+            for r in rows:
+                for c in r.ctx.cache:
+                    c.trim(t)
 
         return run
 
-    kv = target.drafter_kv(ctx.cache, drafter.sliding_window)
-    embedding = target.model.embed(token)
+    embedding, hidden, kv, position = drafter_inputs(rows, drafter.sliding_window)
 
     def draft_step():
-        y, g = drafter(embedding, hidden, kv, ctx.cache[0].offset)
-        mx.eval(drafter.candidate_logits(y[0, 0])[1], g)
-
-    def plain_step() -> float:
-        """Seconds per step once the pipeline is full (the first step fills it)."""
-        held = len(ctx.tokens)
-        steps = PlainSteps(ctx, token, SamplerSettings(), None, KeyStream(0))
-        steps.step()
-        start = time.perf_counter()
-        for _ in range(PLAIN_STEPS):
-            steps.step()
-        seconds = (time.perf_counter() - start) / PLAIN_STEPS
-        mx.eval(steps.queued)  # let the look-ahead finish before anything else is timed
-        steps.close()
-        ctx.rewind(len(ctx.tokens) - held)
-        return seconds
+        y, g = drafter(embedding, hidden, kv, position)
+        mx.eval(drafter.candidate_logits(y[:, 0])[1], g)
 
     seconds = [_fastest_seconds(verify(t)) for t in range(1, max_draft + 2)]
     # A forward over more tokens never costs less: smooth out timing noise that says otherwise.
     seconds = list(itertools.accumulate(seconds, max))
-    plain = min(plain_step() for _ in range(3))
+    plain = seconds[0] if len(rows) > 1 else min(_pipelined_plain_step(rows[0]) for _ in range(3))
     return CostModel(seconds, _fastest_seconds(draft_step), plain)
+
+
+def _pipelined_plain_step(row: Row) -> float:
+    """Seconds per step of the pipelined plain loop once it is full (the first step fills it)."""
+    ctx, held = row.ctx, len(row.ctx.tokens)
+    steps = PlainSteps(ctx, row.token, SamplerSettings(), None, KeyStream(0))
+    steps.step()
+    start = time.perf_counter()
+    for _ in range(PLAIN_STEPS):
+        steps.step()
+    seconds = (time.perf_counter() - start) / PLAIN_STEPS
+    mx.eval(steps.queued)  # let the look-ahead finish before anything else is timed
+    steps.close()
+    ctx.rewind(len(ctx.tokens) - held)
+    return seconds
 
 
 class DraftPolicy:
@@ -119,7 +126,9 @@ class DraftPolicy:
 
     def best(self) -> int:
         acceptance = self.acceptance
-        rates = [self.costs.tokens_per_second(k, acceptance) for k in range(self.costs.max_draft + 1)]
+        rates = [
+            self.costs.tokens_per_second(k, acceptance) for k in range(self.costs.max_draft + 1)
+        ]
         return max(range(len(rates)), key=rates.__getitem__)
 
     def choose(self, limit: int) -> int:

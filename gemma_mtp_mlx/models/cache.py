@@ -15,7 +15,7 @@ so building it costs no host sync.
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-__all__ = ["KVCache", "SlidingWindowCache", "slot_positions", "window_mask"]
+__all__ = ["KVCache", "RowsCache", "SlidingWindowCache", "slot_positions", "window_mask"]
 
 _ALLOC_STEP = 256
 
@@ -146,3 +146,16 @@ class SlidingWindowCache:
     @state.setter
     def state(self, v):
         self.keys, self.values = v
+
+
+class RowsCache:
+    """One layer's caches for a batch of independent sequences (rows) run in one forward: each
+    row keeps its own cache at its own length, so rows that accepted different numbers of
+    drafts never need padding. Attention reads `rows[b]`; the model reads the offsets."""
+
+    def __init__(self, rows: list):
+        self.rows = rows
+
+    @property
+    def offset(self) -> list[int]:
+        return [c.offset for c in self.rows]

@@ -161,19 +161,6 @@ class Attention(nn.Module):
         self.rope = make_rope(args, self.layer_type, self.head_dim)
         self.window = args.sliding_window if self.layer_type == SLIDING else None
 
-    def queries(self, x: mx.array, offset: int) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
-        return self.rope(q.transpose(0, 2, 1, 3), offset=offset)
-
-    def new_keys_values(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
-        B, L, _ = x.shape
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = k if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=offset)
-        v = self.v_norm(v).transpose(0, 2, 1, 3)
-        return k, v
-
     def store_and_fetch(self, k: mx.array, v: mx.array, cache) -> tuple:
         """Store new K/V in the cache; return (keys, values, mask) for the new queries."""
         L = k.shape[2]
@@ -185,17 +172,43 @@ class Attention(nn.Module):
         keys, values = cache.update_and_fetch(k, v)
         return keys, values, ("causal" if L > 1 else None)
 
-    def __call__(self, x: mx.array, offset: int, cache=None, shared_kv: tuple | None = None):
-        """Returns the output and the (keys, values, mask) attended to, which KV-shared layers
-        of the same type reuse. Gemma 4 attends with scale 1.0 (pitfall 2)."""
-        B, L, _ = x.shape
-        if self.has_kv:
-            kv = self.store_and_fetch(*self.new_keys_values(x, offset), cache)
-        else:
-            kv = shared_kv
+    def attend(self, q, k, v, offset: int, cache, shared_kv) -> tuple[mx.array, tuple]:
+        """RoPE at `offset`, the cache, attention (scale 1.0, pitfall 2) for one sequence."""
+        kv = self.store_and_fetch(self.rope(k, offset=offset), v, cache) if self.has_kv else shared_kv
         keys, values, mask = kv
-        q = self.queries(x, offset)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+        q = self.rope(q, offset=offset)
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask), kv
+
+    def __call__(self, x: mx.array, offset, cache=None, shared_kv=None):
+        """Returns the output and the (keys, values, mask) attended to, which KV-shared layers
+        of the same type reuse. With a list of offsets (a `RowsCache`: independent sequences at
+        their own positions) the projections still run batched, so the weights are read once,
+        and only RoPE, the cache and attention go row by row; `kv` is then one tuple per row."""
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
+        k = v = None
+        if self.has_kv:
+            k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+            # k_eq_v: values are the raw key projection, before k_norm and RoPE (pitfall 3).
+            v = k if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+            k = self.k_norm(k).transpose(0, 2, 1, 3)
+            v = self.v_norm(v).transpose(0, 2, 1, 3)
+        if isinstance(offset, list):
+            outs, kv = [], []
+            for b, row_offset in enumerate(offset):
+                out, row_kv = self.attend(
+                    q[b : b + 1],
+                    None if k is None else k[b : b + 1],
+                    None if v is None else v[b : b + 1],
+                    row_offset,
+                    None if cache is None else cache.rows[b],
+                    None if shared_kv is None else shared_kv[b],
+                )
+                outs.append(out)
+                kv.append(row_kv)
+            out = mx.concatenate(outs)
+        else:
+            out, kv = self.attend(q, k, v, offset, cache, shared_kv)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), kv
 
 
@@ -285,7 +298,8 @@ class Gemma4TextModel(nn.Module):
         return (ctx + tok) * (2.0**-0.5)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        """Post-final-norm hidden states [B, L, hidden]; caches of the non-shared layers updated."""
+        """Post-final-norm hidden states [B, L, hidden]; caches of the non-shared layers updated.
+        With `RowsCache`s the B rows are independent sequences, each at its own offset."""
         a = self.args
         h = self.embed(tokens)
         ple = self.per_layer_inputs(tokens, h) if a.hidden_size_per_layer_input else None

@@ -1,0 +1,63 @@
+"""Batched answers: every row is exactly its own run, whatever the other rows accept."""
+
+import pytest
+
+from gemma_mtp_mlx import generate
+from gemma_mtp_mlx.engine.batch import generate_batch
+
+# Different lengths, so the rows sit at different positions from the first round on.
+PROMPTS = [
+    [2, 40, 77, 301, 12],
+    [2, 9, 310],
+    [2, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64],
+    [2, 401, 7, 7],
+]
+
+
+def single(pair, prompt, **options) -> list[int]:
+    return [t for chunk in generate(pair, prompt, **options) for t in chunk.token_ids]
+
+
+@pytest.mark.parametrize(
+    "shape, centroids", [("e2b", True), ("e4b", False), ("moe", False), ("dense", True)]
+)
+@pytest.mark.parametrize(
+    "mode", [{"draft_tokens": 3}, {}, {"mtp": False}], ids=["k3", "policy", "plain"]
+)
+def test_greedy_rows_equal_their_own_runs_past_the_window(echo_pairs, shape, centroids, mode):
+    pair = echo_pairs[(shape, centroids)]
+    options = dict(max_tokens=40, ignore_eos=True)  # 40 tokens: well past the window of 8
+    answers = generate_batch(pair, PROMPTS, **options, **mode)
+    expected = [single(pair, p, **options, mtp=False) for p in PROMPTS]
+    assert [a.token_ids for a in answers] == expected
+    assert all(a.finish_reason == "length" for a in answers)
+    if mode.get("draft_tokens"):
+        assert max(a.stats.accepted for a in answers) > 0  # drafts were accepted and rolled back
+
+
+def test_rows_end_on_their_own(echo_pairs):
+    """End-of-sequence and per-row limits: a finished row leaves, the others go on unchanged."""
+    pair = echo_pairs[("moe", True)]
+    limits = [3, 30, 1, 17]
+    answers = generate_batch(pair, PROMPTS, max_tokens=limits, draft_tokens=4)
+    assert len({a.stats.accepted for a in answers}) > 1  # rows at different acceptance
+    for prompt, limit, answer in zip(PROMPTS, limits, answers):
+        assert answer.token_ids == single(pair, prompt, max_tokens=limit, mtp=False)
+        assert answer.finish_reason == ("stop" if len(answer.token_ids) < limit else "length")
+
+
+def test_sampled_rows_equal_their_own_seeded_runs(echo_pairs):
+    """Row b draws from its own key stream (seed + b), the draws a single run with that seed
+    makes: with the same draft length every round, batched sampling must reproduce those runs
+    token for token. (The single runs go on longer: near its limit a single run drafts less,
+    and its baseline probe round comes after 16 rounds, later than these 12 tokens.)"""
+    for centroids in (False, True):
+        pair = echo_pairs[("e2b", centroids)]
+        options = dict(temperature=1.0, top_k=50, ignore_eos=True, draft_tokens=2)
+        answers = generate_batch(pair, PROMPTS, seed=7, max_tokens=12, **options)
+        expected = [
+            single(pair, p, seed=7 + b, max_tokens=40, **options)[:12]
+            for b, p in enumerate(PROMPTS)
+        ]
+        assert [a.token_ids for a in answers] == expected
+        assert sum(a.stats.drafted for a in answers) > 0
