@@ -12,6 +12,8 @@ and compares every run's tokens with ours plain, token by token. It also measure
 a target forward of T = 1..9 tokens on a warm cache, and one drafter step with the dense head and
 with the centroid head, as ratios to a 1-token step, for the pair and for random-weight targets
 with the real layer dimensions of E2B and 26B-A4B (fewer layers, a smaller vocabulary).
+`--moe-curve` measures only the MoE verify cost curve: a random 26B-A4B-core stack, ours and
+mlx-lm's model holding the same weights, a forward of T = 1..9 distinct tokens each (issue 7).
 
 Tokens per second count decode time only: the clock starts when the first token (which comes
 from the prefill) is out and stops after the last, for ours and the peers alike. Every figure is
@@ -19,6 +21,7 @@ measured in this run; nothing is estimated. Speed goals live here, never in test
 """
 
 import dataclasses
+import functools
 import os
 import platform
 import random
@@ -44,6 +47,7 @@ from .engine.stats import GenerationStats
 from .errors import GemmaChatError
 from .models.assistant import Assistant, AssistantArgs
 from .models.gemma4 import Model, ModelArgs
+from .models.moe import fused_module_path
 
 FIXED_KS = (1, 2, 3, 4, 5, 6)
 COST_TOKENS = 9  # verify blocks of T = 1..9 tokens (K = 0..8 drafts)
@@ -149,7 +153,8 @@ def run_ours(pair, prompt: list[int], max_tokens: int, *, mtp: bool, k: int | No
 
 def mlx_lm_twin(target: Model):
     """mlx-lm's own `gemma4_text` model holding our target's weights (the same arrays: no
-    copy). Our module names follow mlx-lm's, so every parameter must find its place."""
+    copy: our fused expert gate/up rows are handed over as two views). Our other module names
+    follow mlx-lm's, so every parameter must find its place."""
     import mlx.nn as nn
     from mlx_lm.models import gemma4_text
 
@@ -164,8 +169,15 @@ def mlx_lm_twin(target: Model):
         return {"group_size": m.group_size, "bits": m.bits, "mode": getattr(m, "mode", "affine")}
 
     if any(hasattr(m, "bits") for m in ours.values()):
-        nn.quantize(twin, class_predicate=quantized_like_ours)
-    weights = dict(tree_flatten(target.parameters()))
+        nn.quantize(twin, class_predicate=lambda p, m: quantized_like_ours(fused_module_path(p), m))
+    weights = {}
+    for key, value in tree_flatten(target.parameters()):
+        if ".experts.gate_up_proj." in key:  # ours fused, mlx-lm's split: row slices (views)
+            gate, up = mx.split(value, 2, axis=1)
+            split = key.replace(".experts.gate_up_proj.", ".experts.switch_glu.{}_proj.")
+            weights[split.format("gate")], weights[split.format("up")] = gate, up
+        else:
+            weights[key.replace(".experts.down_proj.", ".experts.switch_glu.down_proj.")] = value
     theirs = {k for k, _ in tree_flatten(twin.parameters())}
     if theirs != set(weights):
         missing = sorted(theirs - set(weights))[:3]
@@ -404,15 +416,102 @@ def random_shape(name: str) -> tuple[Model, Assistant]:
     """A random-weight fp32 target and drafter with the dimensions of SHAPES[name]."""
     spec = SHAPES[name]
     rng = np.random.default_rng(0)
-    target = Model(ModelArgs.from_config(spec["target"]))
+    target = random_target(spec["target"], rng)
     drafter = Assistant(AssistantArgs.from_config(spec["drafter"]))
-    _randomize(target, rng)
     _randomize(drafter, rng)
     if drafter.args.use_ordered_embeddings:
         order = rng.permutation(drafter.args.text.vocab_size).astype(np.int32)
         drafter.masked_embedding.token_ordering = mx.array(order)
     mx.eval(target.parameters(), drafter.parameters())
     return target, drafter
+
+
+def random_target(config: dict, rng=None) -> Model:
+    """A random-weight fp32 target of the given config (evaluated)."""
+    target = Model(ModelArgs.from_config(config))
+    _randomize(target, rng if rng is not None else np.random.default_rng(0))
+    mx.eval(target.parameters())
+    return target
+
+
+# -- MoE verify cost curve (issue 7) -----------------------------------------------------------
+MOE_GOAL = 0.75  # ours T(8)/T(1) over mlx-lm's T(8)/T(1), same weights, same run (reported only)
+
+
+def moe_config(layers: int = 4, **dims) -> dict:
+    """The 26B-A4B core (hidden 2816, 128 experts top-8 of width 704, dense MLP 2112) with
+    `layers` layers (sliding, full, sliding, ...); `dims` overrides any key (tests shrink it)."""
+    config = dict(SHAPES["26b-a4b"]["target"], num_hidden_layers=layers)
+    config["layer_types"] = [("full" if i % 2 else "sliding") + "_attention" for i in range(layers)]
+    return {**config, **dims}
+
+
+def moe_curve(config: dict | None = None, *, context: int = 256, reps: int = 5) -> dict:
+    """Milliseconds of one forward of T = 1..COST_TOKENS distinct random tokens on a cache warm
+    with `context` tokens, ours and mlx-lm's `gemma4_text` holding the same weight arrays,
+    timed alternately (median of `reps` passes after a warm-up pass). Distinct tokens route
+    independently; repeated ones would route alike and flatter grouping by expert."""
+    config = config or moe_config()
+    target = random_target(config)
+    twin = mlx_lm_twin(target)
+    vocab, top = config["vocab_size"], COST_TOKENS
+    ids = np.random.default_rng(1).permutation(np.arange(3, vocab))[: context + top].tolist()
+    ctx = Context(target, slack=max(64, top + 2))
+    ctx.prefill(ids[:context])
+    theirs = twin.make_cache()
+    twin(mx.array([ids[:context]]), cache=theirs)
+    mx.eval([c.state for c in ctx.cache], [c.state for c in theirs])
+    block = {t: mx.array([ids[context : context + t]]) for t in range(1, top + 1)}
+    models = {"ours": (target, ctx.cache), "mlx_lm": (twin, theirs)}
+    samples = {(name, t): [] for name in models for t in block}
+    for rep in range(reps + 1):  # the first pass warms up and is not kept
+        for t in block:
+            for name, (model, cache) in models.items():
+                seconds = _time_once(functools.partial(model, block[t], cache=cache))
+                for c in cache:
+                    c.trim(t)
+                if rep:
+                    samples[name, t].append(seconds)
+    ms = {n: [round(1e3 * statistics.median(samples[n, t]), 2) for t in block] for n in models}
+    ratio = {n: round(v[7] / v[0], 3) for n, v in ms.items()}
+    del target, twin, ctx, theirs, models
+    mx.clear_cache()
+    return {
+        "tokens": list(block),
+        "ours_ms": ms["ours"],
+        "mlx_lm_ms": ms["mlx_lm"],
+        "ratio_8_over_1": ratio,
+        "ours_over_mlx_lm_8_over_1": round(ratio["ours"] / ratio["mlx_lm"], 3),
+        "goal": MOE_GOAL,
+        "layers": config["num_hidden_layers"],
+        "context": context,
+        "dims": {k: config[k] for k in ("hidden_size", "num_experts", "top_k_experts",
+                                        "moe_intermediate_size", "intermediate_size", "vocab_size")},
+        "machine": machine(),
+    }
+
+
+def render_moe_curve(result: dict, console) -> None:
+    from rich import box
+    from rich.table import Table
+
+    d = result["dims"]
+    console.print(
+        f"[bold]MoE verify cost[/]: random fp32, {result['layers']} layers, hidden "
+        f"{d['hidden_size']}, {d['num_experts']} experts top-{d['top_k_experts']} of width "
+        f"{d['moe_intermediate_size']}, cache warm with {result['context']} tokens"
+    )
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in ("T", "ours ms", "x T1", "mlx-lm ms", "x T1"):
+        t.add_column(c, justify="right")
+    ours, theirs = result["ours_ms"], result["mlx_lm_ms"]
+    for i, n in enumerate(result["tokens"]):
+        t.add_row(str(n), f"{ours[i]:.1f}", f"{ours[i] / ours[0]:.2f}",
+                  f"{theirs[i]:.1f}", f"{theirs[i] / theirs[0]:.2f}")
+    console.print(t)
+    value = result["ours_over_mlx_lm_8_over_1"]
+    met = "met" if value <= result["goal"] else "not met"
+    console.print(f"ours T8/T1 over mlx-lm's: {value:.3f} (goal <= {result['goal']}: {met})")
 
 
 def _randomize(module, rng) -> None:
@@ -976,6 +1075,22 @@ def main(
     return result
 
 
+def moe_main(layers: int = 4, *, as_json: bool = False, reps: int = 5, out=None, err=None) -> dict:
+    """`bench --moe-curve`: one JSON object on stdout, or a table."""
+    import json
+
+    from rich.console import Console
+
+    err = err or Console(stderr=True, highlight=False)
+    err.print(f"[dim]bench: MoE verify cost curve, {layers} random 26B-A4B-core layers[/]")
+    result = moe_curve(moe_config(layers), reps=reps)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        render_moe_curve(result, out or Console(highlight=False))
+    return result
+
+
 def command(
     model: Annotated[str, typer.Option("--model", "-m", help="Alias, hub repo id or folder.")] = "demo",
     drafter: Annotated[str, typer.Option(help="MTP drafter: 'auto', a hub repo id or a folder.")] = "auto",
@@ -985,6 +1100,8 @@ def command(
     png: Annotated[Path | None, typer.Option("--png", help="Folder for the PNGs (default: . without --json).")] = None,
     repeats: Annotated[int | None, typer.Option("--repeats", min=1, help="Timed runs per variant (1 with --quick, else 3).")] = None,
     shapes: Annotated[bool | None, typer.Option("--shapes/--no-shapes", help="Cost curves of random E2B / 26B-A4B shapes (default: on unless --quick).")] = None,
+    moe: Annotated[bool, typer.Option("--moe-curve", help="Only the MoE verify cost curve: ours vs mlx-lm on a random 26B-A4B-core stack (no model is loaded).")] = False,
+    moe_layers: Annotated[int, typer.Option("--moe-layers", min=1, help="Layers of that stack (each ~3.2 GB fp32).")] = 4,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ):
     """Measure plain vs MTP decoding, fixed draft lengths, mlx-lm (and mlx-vlm when installed),
@@ -994,8 +1111,11 @@ def command(
 
     err = Console(stderr=True, highlight=False)
     try:
-        main(model, drafter, max_tokens=max_tokens, quick=quick, as_json=as_json, png=png,
-             repeats=repeats, shapes=shapes, err=err)
+        if moe:
+            moe_main(moe_layers, as_json=as_json, reps=repeats or 5, err=err)
+        else:
+            main(model, drafter, max_tokens=max_tokens, quick=quick, as_json=as_json, png=png,
+                 repeats=repeats, shapes=shapes, err=err)
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None

@@ -19,6 +19,7 @@ from .aliases import ALIASES, DEMO, DEMO_PATH
 from .errors import GemmaChatError
 from .models.assistant import Assistant, AssistantArgs, pairing_problems
 from .models.gemma4 import Model, ModelArgs, canonical_key
+from .models.moe import fused_module_path
 
 TARGET_TYPES = {"gemma4", "gemma4_text"}
 ASSISTANT_TYPES = {"gemma4_assistant"}
@@ -157,8 +158,16 @@ def _apply_weights(model: nn.Module, weights: dict, config: dict, path: Path, qu
     quant = config.get("quantization") or config.get("quantization_config")
     if quant and "bits" in quant:
         # Quantised MLX checkpoints: a module is quantised iff the checkpoint has its scales;
-        # per-module overrides (e.g. an 8-bit router) are keyed by the checkpoint's module path.
-        overrides = {canonical_key(k): v for k, v in quant.items() if isinstance(v, dict)}
+        # per-module overrides (e.g. an 8-bit router) are keyed by the checkpoint's module path,
+        # mlx-lm's split expert names mapped onto our fused `experts.gate_up_proj`.
+        overrides = {}
+        for key, value in quant.items():
+            module = canonical_key(key) if isinstance(value, dict) else None
+            if module is None:
+                continue
+            module = fused_module_path(module)
+            if overrides.setdefault(module, value) != value:
+                raise GemmaChatError(f"{module}: gate_proj and up_proj are quantised differently")
 
         def predicate(p, m):
             if p in overrides:

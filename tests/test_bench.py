@@ -82,3 +82,20 @@ def test_command_line_quick_json(ckpt, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["outputs_identical"] is True
     assert printed["speedup"] == result["speedup"]
+
+
+def test_moe_curve_on_tiny_dims():
+    """`bench --moe-curve` with the dims shrunk: ours and mlx-lm's model on the same weights."""
+    config = bench.moe_config(
+        2, hidden_size=64, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+        intermediate_size=64, vocab_size=512, num_attention_heads=2, num_key_value_heads=1,
+        num_global_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=64,
+    )
+    result = bench.moe_curve(config, context=16, reps=1)
+    json.dumps(result)
+    assert result["tokens"] == list(range(1, 10))
+    for key in ("ours_ms", "mlx_lm_ms"):
+        assert len(result[key]) == 9
+        assert all(ms > 0 for ms in result[key])
+    assert set(result["ratio_8_over_1"]) == {"ours", "mlx_lm"}
+    assert result["layers"] == 2

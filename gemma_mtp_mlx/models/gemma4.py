@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import KVCache, SlidingWindowCache, window_mask
-from .moe import Experts, Router
+from .moe import Experts, Router, sanitize_experts
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -382,17 +382,8 @@ class Model(nn.Module):
                 continue
             if _is_shared_kv_weight(key, shared_from):
                 continue
-            if key.endswith(".experts.gate_up_proj"):
-                base = key.removesuffix(".gate_up_proj")
-                gate, up = mx.split(value, 2, axis=-2)
-                out[f"{base}.switch_glu.gate_proj.weight"] = gate
-                out[f"{base}.switch_glu.up_proj.weight"] = up
-                continue
-            if key.endswith(".experts.down_proj"):
-                out[key.removesuffix(".down_proj") + ".switch_glu.down_proj.weight"] = value
-                continue
             out[key] = value
-        return out
+        return sanitize_experts(out)  # HF fused or mlx-community split experts -> ours
 
     @staticmethod
     def quant_predicate(path: str, module: nn.Module):
