@@ -95,8 +95,8 @@ def generate_batch(
             rows[i].token, rows[i].hidden = result.token, result.hidden
             answers[i].stats.add_round(result.stats)
             _take(answers[i], result.tokens, limits[i], eos)
-            if policy:
-                policy.update(result.stats.drafted, result.stats.accepted)
+            if policy:  # each row's acceptance counts; the round's time once per row
+                policy.observe(result.stats)
         active = [i for i in active if not answers[i].finish_reason]
     return answers
 

@@ -154,10 +154,10 @@ def generate(
                     stats.add_round(handed.stats)
                     token, hidden = handed.token, handed.hidden
                 result = run_round(ctx, drafter, token, hidden, round_k, settings, bias, keys)
-                if policy:
-                    policy.update(result.stats.drafted, result.stats.accepted)
                 if handed:
                     result.tokens = handed.tokens + result.tokens
+            if policy:
+                policy.observe(result.stats)
             stats.add_round(result.stats)
             rounds += 1
             new, token, hidden, last_round = result.tokens, result.token, result.hidden, result.stats

@@ -4,11 +4,17 @@ seen so far; K = 0 ("parked") when drafting cannot beat plain decoding.
 With a_i the running probability that draft i is accepted once drafts 1..i-1 were, a round of
 K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens and costs
 C(K) = verify(K + 1) + K * draft_step. The policy picks the K with the highest E(K) / C(K);
-plain decoding is K = 0 at 1 / plain_step, the measured step of the pipelined plain loop
-(engine/plain.py), which hides the host's work that a speculative round has to wait for. While parked, a round now and then drafts once more so
-that a workload that turns predictable unparks; each probe that does not unpark doubles the wait
-for the next (PROBE_EVERY rounds up to MAX_PROBE_INTERVAL), so a drafter that never hits costs
-next to nothing.
+plain decoding is K = 0 at 1 / plain_step, the step of the pipelined plain loop
+(engine/plain.py), which hides the host's work that a speculative round has to wait for.
+
+The start-up measurement times the pieces alone; a real round also pays for accepting, rolling
+back and reading tokens (measured: 15-20 % more on the demo pair on a CPU). So the policy keeps
+learning from the rounds it runs: the ratio of measured to modelled round time scales C(K), and
+the measured plain steps replace plain_step (both exponentially decayed).
+
+While parked, a round now and then drafts once more so that a workload that turns predictable
+unparks; each probe that does not unpark doubles the wait for the next (PROBE_EVERY rounds up to
+MAX_PROBE_INTERVAL), so a drafter that never hits costs next to nothing.
 """
 
 import itertools
@@ -20,11 +26,14 @@ import mlx.core as mx
 from .plain import PlainSteps
 from .sampling import SamplerSettings
 from .speculative import KeyStream, Row, drafter_inputs, rows_cache
+from .stats import RoundStats
 
 PROBE_EVERY = 8
 MAX_PROBE_INTERVAL = 128
 # Acceptance estimates start optimistic-but-uncertain and follow recent rounds (exponential decay).
 PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
+# Measured round times follow recent rounds a little more slowly (timings are noisier).
+COST_DECAY = 0.9
 
 
 @dataclass
@@ -37,14 +46,20 @@ class CostModel:
     def max_draft(self) -> int:
         return len(self.verify_seconds) - 1
 
-    def tokens_per_second(self, k: int, acceptance: list[float]) -> float:
-        expected, survive = 1.0, 1.0
-        for a in acceptance[:k]:
-            survive *= a
-            expected += survive
+    def round_seconds(self, k: int) -> float:
+        """Modelled time of a round with K drafts (K = 0: a pipelined plain step)."""
         if k == 0:
-            return 1.0 / self.plain_step_seconds
-        return expected / (self.verify_seconds[k] + k * self.draft_step_seconds)
+            return self.plain_step_seconds
+        return self.verify_seconds[k] + k * self.draft_step_seconds
+
+
+def expected_tokens(k: int, acceptance: list[float]) -> float:
+    """E(K): tokens a round of K drafts emits, given acceptance by position."""
+    expected, survive = 1.0, 1.0
+    for a in acceptance[:k]:
+        survive *= a
+        expected += survive
+    return expected
 
 
 def _fastest_seconds(run, repeats: int = 5) -> float:
@@ -119,16 +134,22 @@ class DraftPolicy:
         self.seen = [PRIOR_SEEN] * costs.max_draft
         self.parked_rounds = 0
         self.probe_interval = PROBE_EVERY
+        self.plain_seconds = costs.plain_step_seconds  # measured plain steps, decayed
+        self.round_overhead = 1.0  # measured / modelled time of drafting rounds, decayed
 
     @property
     def acceptance(self) -> list[float]:
         return [a / s for a, s in zip(self.accepted, self.seen)]
 
+    def seconds(self, k: int) -> float:
+        """Expected time of a round with K drafts on this machine, as measured so far."""
+        if k == 0:
+            return self.plain_seconds
+        return self.costs.round_seconds(k) * self.round_overhead
+
     def best(self) -> int:
         acceptance = self.acceptance
-        rates = [
-            self.costs.tokens_per_second(k, acceptance) for k in range(self.costs.max_draft + 1)
-        ]
+        rates = [expected_tokens(k, acceptance) / self.seconds(k) for k in range(self.costs.max_draft + 1)]
         return max(range(len(rates)), key=rates.__getitem__)
 
     def choose(self, limit: int) -> int:
@@ -143,13 +164,19 @@ class DraftPolicy:
             self.parked_rounds, self.probe_interval = 0, PROBE_EVERY
         return min(k, limit)
 
-    def update(self, drafted: int, accepted: int) -> None:
-        """Draft i was tried iff drafts 1..i-1 were accepted, so each tried position is one
-        Bernoulli observation of a_i."""
-        for i in range(drafted):
-            self.accepted[i] = self.accepted[i] * DECAY + (1.0 if i < accepted else 0.0)
+    def observe(self, r: RoundStats) -> None:
+        """Learn from a finished round: its time, and for a drafting round the acceptance."""
+        if r.drafted == 0:
+            self.plain_seconds = self.plain_seconds * COST_DECAY + r.seconds * (1 - COST_DECAY)
+            return
+        ratio = r.seconds / self.costs.round_seconds(r.drafted)
+        self.round_overhead = self.round_overhead * COST_DECAY + ratio * (1 - COST_DECAY)
+        # Draft i was tried iff drafts 1..i-1 were accepted, so each tried position is one
+        # Bernoulli observation of a_i.
+        for i in range(r.drafted):
+            self.accepted[i] = self.accepted[i] * DECAY + (1.0 if i < r.accepted else 0.0)
             self.seen[i] = self.seen[i] * DECAY + 1.0
-            if i >= accepted:
+            if i >= r.accepted:
                 break
 
     @property
