@@ -43,6 +43,7 @@ def test_quick_bench_reports_every_field_with_identical_outputs(echo_pairs):
         assert w["outputs_identical"]
         assert w["plain"]["generated_tokens"] == w["mtp"]["generated_tokens"] == 16
         assert w["mlx_lm"]["identical_to_plain"]
+        assert w["plain"]["best_vs_plain"] == 1.0 and w["mtp"]["best_tokens_per_second"] > 0
     assert set(result["k_sweep"]) == {"1", "3"}
     assert result["never_hit"]["acceptance_rate"] == 0.0
     assert result["acceptance_rate"] > 0  # the echo drafter agrees whenever the target repeats
