@@ -28,7 +28,7 @@ from .sampling import SamplerSettings
 from .speculative import KeyStream, Row, drafter_inputs, rows_cache
 from .stats import RoundStats
 
-PROBE_EVERY = 8
+PROBE_EVERY = 16  # a probe that misses costs about one plain step more than it brings
 MAX_PROBE_INTERVAL = 128
 # Acceptance estimates start optimistic-but-uncertain and follow recent rounds (exponential decay).
 PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
