@@ -45,7 +45,7 @@ def test_quick_bench_reports_every_field_with_identical_outputs(echo_pairs):
         assert w["mlx_lm"]["identical_to_plain"]
         assert w["plain"]["best_vs_plain"] == 1.0 and w["mtp"]["best_tokens_per_second"] > 0
     assert set(result["k_sweep"]) == {"1", "3"}
-    assert result["never_hit"]["acceptance_rate"] == 0.0
+    assert not result["never_hit"]["acceptance_rate"]  # 0, or None when it parked before drafting
     # The echo drafter agrees whenever the target repeats (fixed K always drafts; the policy may
     # park on this CPU, so its own acceptance depends on timing).
     assert result["k_sweep"]["1"]["acceptance_rate"] > 0
