@@ -58,9 +58,13 @@ def load(model: str, drafter: str | None = "auto", *, quantize: int | None = Non
 
 # -- names -> folders --------------------------------------------------------------------------
 def resolve(name: str) -> Path:
-    """A local folder as is; an alias or a repo id through the Hugging Face cache."""
+    """A local folder as is; an alias or a repo id through the Hugging Face cache. A bare alias
+    (`demo`, `e4b`) means the alias even where the working folder happens to hold a folder of
+    that name that is not a model; `./demo` always means the folder."""
     path = Path(name).expanduser()
-    if path.is_dir():
+    alias = name.lower() in ALIASES or name.lower() == DEMO
+    explicit = name.startswith((".", "/", "~"))
+    if path.is_dir() and (not alias or explicit or (path / "config.json").is_file()):
         return path
     if name.lower() == DEMO:
         if not (DEMO_PATH / "config.json").is_file():

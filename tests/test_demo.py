@@ -20,6 +20,8 @@ def test_demo_answers_offline_from_an_empty_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "demo").mkdir()  # an unrelated folder named like the alias does not shadow it
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["--model", "demo", "--prompt", HELD_OUT[0], "--json", "--max-tokens", "32"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])

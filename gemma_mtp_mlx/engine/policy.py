@@ -62,9 +62,11 @@ def expected_tokens(k: int, acceptance: list[float]) -> float:
     return expected
 
 
-def _fastest_seconds(run, repeats: int = 5) -> float:
+def _fastest_seconds(run, repeats: int = 3) -> float:
     """The fastest of a few timed runs after a warm-up: other work on the machine only ever
-    adds time, so the minimum is the least noisy estimate of the step's own cost."""
+    adds time, so the minimum is the least noisy estimate of the step's own cost. Three are
+    enough: the policy corrects its model with the rounds it runs, and a batch's measurement
+    (forwards of up to B x 7 tokens) is paid once per batch size before the first answer."""
     run()
     times = []
     for _ in range(repeats):
