@@ -338,6 +338,8 @@ class Repl:
             rows.append(("acceptance", f"{st.acceptance_rate:.1%}"))
             by_position = " ".join(f"{a:.0%}" for a in st.acceptance_by_position)
             rows.append(("by position", by_position))
+        else:  # MTP off, or the policy kept drafting parked for this whole answer
+            rows.append(("acceptance", "– (nothing drafted)"))
         if st.mean_accepted_length:
             rows.append(("per forward", f"{st.mean_accepted_length:.2f} tokens"))
         rows.append(("time", f"draft {st.draft_seconds:.2f} s, verify {st.verify_seconds:.2f} s"))
