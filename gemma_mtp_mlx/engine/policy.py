@@ -81,11 +81,11 @@ PLAIN_STEPS = 8  # pipelined plain steps per timed run (the pipeline needs a few
 
 def measure_costs(rows: list[Row], drafter, max_draft: int) -> CostModel:
     """Time target forwards of 1..max_draft+1 tokens per row over all `rows` at once, their
-    drafter steps, and a plain step, at the current contexts; every cache is rolled back
-    afterwards (no trace is left). All rows take each drafter step together. The verify blocks hold distinct random tokens: on a MoE,
-    repeated tokens would pick the same experts and make verifying look cheaper than it is.
-    One row decodes plainly through the pipelined loop (engine/plain.py), which is timed as
-    such; a batch's plain step is its one-token verify."""
+    drafter steps (all rows together), and a plain step, at the current contexts; every cache
+    is rolled back afterwards (no trace is left). The verify blocks hold distinct random
+    tokens: on a MoE, repeated tokens would pick the same experts and make verifying look
+    cheaper than it is. One row decodes plainly through the pipelined loop (engine/plain.py),
+    which is timed as such; a batch's plain step is its one-token verify."""
     target = rows[0].ctx.target
     cache = rows_cache(rows)
     vocab = target.args.vocab_size
