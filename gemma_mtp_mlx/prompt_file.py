@@ -72,7 +72,6 @@ def answer_file(
     session: Session, texts: list[str], *, batch: int, raw: bool, as_json: bool, err: Console
 ) -> bool:
     """Answer every prompt; False when some could not run."""
-    s = session.settings
     prompts = prepare(session, texts, raw=raw)
     runnable = [p for p in prompts if p.error is None]
     answers: dict[int, Answer] = {}
@@ -85,13 +84,7 @@ def answer_file(
             session.pair,
             [p.ids for p in group],
             max_tokens=[p.max_tokens for p in group],
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            seed=s.seed,
-            mtp=s.mtp,
-            draft_tokens=s.draft_tokens,
-            ignore_eos=s.ignore_eos,
+            **session.settings.decoding(),
         )
         seconds += time.perf_counter() - began
         for p, a in zip(group, results):

@@ -45,6 +45,18 @@ class Settings:
     ignore_eos: bool = False
     think: bool = False
 
+    def decoding(self) -> dict:
+        """The keyword arguments `generate` and `generate_batch` take from these settings."""
+        return dict(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            mtp=self.mtp,
+            draft_tokens=self.draft_tokens,
+            ignore_eos=self.ignore_eos,
+        )
+
 
 @dataclass
 class Update:
@@ -136,19 +148,12 @@ class Turn:
         return self
 
     def _run(self) -> Iterator[Update]:
-        s = self.settings
         chunks = generate(
             self.pair,
             self.prompt,
             max_tokens=self.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            seed=s.seed,
-            mtp=s.mtp,
-            draft_tokens=s.draft_tokens,
-            ignore_eos=s.ignore_eos,
             context=self.context,
+            **self.settings.decoding(),
         )
         try:
             for chunk in chunks:
