@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from .context import Context
-from .generate import POLICY_MAX_DRAFT, answer_end, encode_prompt, first_token, generate
+from .generate import answer_end, encode_prompt, first_token, generate, most_drafts
 from .policy import DraftPolicy, measure_costs
 from .sampling import SamplerSettings, ban_bias
 from .speculative import KeyStream, Row, run_rows
@@ -58,14 +58,12 @@ def generate_batch(
             )
         ]
     drafter = pair.drafter if mtp else None
-    k = 0 if drafter is None else (POLICY_MAX_DRAFT if draft_tokens is None else draft_tokens)
+    k = most_drafts(drafter, draft_tokens)
     settings = SamplerSettings(temperature, top_k, top_p)
-    eos = None if ignore_eos else set(pair.tokenizer.eos_token_ids)
-    bias = (
-        ban_bias(pair.target.args.vocab_size, sorted(pair.tokenizer.eos_token_ids))
-        if ignore_eos
-        else None
-    )
+    eos = set(pair.tokenizer.eos_token_ids)
+    bias = ban_bias(pair.target.args.vocab_size, sorted(eos)) if ignore_eos else None
+    if ignore_eos:
+        eos = None
     base_seed = seed if seed is not None else time.time_ns() % 2**32
 
     rows, answers = [], []

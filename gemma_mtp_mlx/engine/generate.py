@@ -61,6 +61,16 @@ def answer_end(new: list[int], done: int, max_tokens: int, eos: set[int] | None)
     return len(new) - 1, None
 
 
+def most_drafts(drafter, draft_tokens: int | None) -> int:
+    """The most drafts a round may hold: none without a drafter, the fixed K, or the policy's
+    ceiling."""
+    if draft_tokens is not None and draft_tokens < 0:
+        raise GemmaChatError("draft tokens must be 0 or more")
+    if drafter is None:
+        return 0
+    return POLICY_MAX_DRAFT if draft_tokens is None else draft_tokens
+
+
 def first_token(logits: mx.array, settings: SamplerSettings, bias, keys: KeyStream) -> mx.array:
     """The token after the prompt, [1, 1], from the prefill's last logits [1, 1, V]."""
     logits = logits[0, 0] if bias is None else logits[0, 0] + bias
@@ -90,9 +100,7 @@ def generate(
     earlier prompts (a chat); only the tokens after the common prefix are prefilled."""
     tokens = encode_prompt(pair.tokenizer, prompt, raw=raw)
     drafter = pair.drafter if mtp else None
-    k = 0 if drafter is None else (POLICY_MAX_DRAFT if draft_tokens is None else draft_tokens)
-    if k < 0:
-        raise GemmaChatError("draft tokens must be 0 or more")
+    k = most_drafts(drafter, draft_tokens)
     ctx = context or Context(pair.target, slack=max(64, k + 2))
     if k + 2 > ctx.slack:
         raise GemmaChatError(f"at most {ctx.slack - 2} draft tokens with this context")
