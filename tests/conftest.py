@@ -8,6 +8,13 @@ import pytest
 from tests import tiny_checkpoints as tiny
 
 
+def generated_ids(pair, prompt, **options) -> list[int]:
+    """Every token id `generate` streams for `prompt`."""
+    from gemma_mtp_mlx import generate
+
+    return [t for chunk in generate(pair, prompt, **options) for t in chunk.token_ids]
+
+
 def assert_close(ours: np.ndarray, ref: np.ndarray, tol: float = 1e-4):
     """fp32 parity: max error within `tol` of the reference's scale (max(1, max|ref|)). These
     fixtures have O(10) logits and states, so this is ~1e-3 absolute; a wrong mask, position or

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gemma_mtp_mlx import generate
 from gemma_mtp_mlx.engine.batch import generate_batch
+from tests.conftest import generated_ids
 
 # Different lengths, so the rows sit at different positions from the first round on.
 PROMPTS = [
@@ -12,10 +12,6 @@ PROMPTS = [
     [2, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64],
     [2, 401, 7, 7],
 ]
-
-
-def single(pair, prompt, **options) -> list[int]:
-    return [t for chunk in generate(pair, prompt, **options) for t in chunk.token_ids]
 
 
 @pytest.mark.parametrize(
@@ -28,7 +24,7 @@ def test_greedy_rows_equal_their_own_runs_past_the_window(echo_pairs, shape, cen
     pair = echo_pairs[(shape, centroids)]
     options = dict(max_tokens=40, ignore_eos=True)  # 40 tokens: well past the window of 8
     answers = generate_batch(pair, PROMPTS, **options, **mode)
-    expected = [single(pair, p, **options, mtp=False) for p in PROMPTS]
+    expected = [generated_ids(pair, p, **options, mtp=False) for p in PROMPTS]
     assert [a.token_ids for a in answers] == expected
     assert all(a.finish_reason == "length" for a in answers)
     if mode.get("draft_tokens"):
@@ -42,7 +38,7 @@ def test_rows_end_on_their_own(echo_pairs):
     answers = generate_batch(pair, PROMPTS, max_tokens=limits, draft_tokens=4)
     assert len({a.stats.accepted for a in answers}) > 1  # rows at different acceptance
     for prompt, limit, answer in zip(PROMPTS, limits, answers):
-        assert answer.token_ids == single(pair, prompt, max_tokens=limit, mtp=False)
+        assert answer.token_ids == generated_ids(pair, prompt, max_tokens=limit, mtp=False)
         assert answer.finish_reason == ("stop" if len(answer.token_ids) < limit else "length")
 
 
@@ -56,7 +52,7 @@ def test_sampled_rows_equal_their_own_seeded_runs(echo_pairs):
         options = dict(temperature=1.0, top_k=50, ignore_eos=True, draft_tokens=2)
         answers = generate_batch(pair, PROMPTS, seed=7, max_tokens=12, **options)
         expected = [
-            single(pair, p, seed=7 + b, max_tokens=40, **options)[:12]
+            generated_ids(pair, p, seed=7 + b, max_tokens=40, **options)[:12]
             for b, p in enumerate(PROMPTS)
         ]
         assert [a.token_ids for a in answers] == expected

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma_mtp_mlx import generate, load
+from gemma_mtp_mlx import load
 from gemma_mtp_mlx.distill import (
     drafter_config,
     measure_acceptance,
@@ -20,6 +20,7 @@ from gemma_mtp_mlx.distill import (
 from gemma_mtp_mlx.engine.context import Context
 from gemma_mtp_mlx.loading import load_drafter, load_target
 from tests import tiny_checkpoints as tiny
+from tests.conftest import generated_ids
 
 SMALL = dict(
     hidden_size=32,
@@ -97,11 +98,7 @@ def test_checkpoint_loads_and_speculative_output_is_lossless(trained, targets):
     prompt = [2, 40, 77, 301, 12]
 
     def ids(**options):
-        return [
-            t
-            for c in generate(pair, prompt, max_tokens=60, ignore_eos=True, **options)
-            for t in c.token_ids
-        ]
+        return generated_ids(pair, prompt, max_tokens=60, ignore_eos=True, **options)
 
     plain = ids(mtp=False)
     assert len(plain) == 60
@@ -173,11 +170,7 @@ def test_kv_shared_target_trains_and_stays_lossless(targets, corpus, tmp_path):
     prompt = [2, 40, 77, 301, 12]
 
     def ids(**options):
-        return [
-            t
-            for c in generate(pair, prompt, max_tokens=60, ignore_eos=True, **options)
-            for t in c.token_ids
-        ]
+        return generated_ids(pair, prompt, max_tokens=60, ignore_eos=True, **options)
 
     assert ids(draft_tokens=3) == ids(mtp=False)
 
