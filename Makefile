@@ -22,4 +22,4 @@ bench:
 	$(PRELOAD) $(PY) scripts/bench.py
 
 lint:
-	$(PY) -m ruff check gemma_mtp_mlx tests scripts
+	$(PY) -m ruff check gemma_mtp_mlx tests scripts fixtures

@@ -29,8 +29,8 @@ from mlx.utils import tree_flatten
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fixtures.tiny_checkpoints import EOS_TOKEN_IDS, make_tokenizer  # noqa: E402
 from gemma_mtp_mlx.models.gemma4 import Model, ModelArgs  # noqa: E402
-from tests.tiny_checkpoints import EOS_TOKEN_IDS, make_tokenizer  # noqa: E402
 
 HELD_OUT = "tempest_gut.txt"  # never trained on: the held-out prompts come from it
 VOCAB = 4096

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.tiny_checkpoints import make_all  # noqa: E402
+from fixtures.tiny_checkpoints import make_all  # noqa: E402
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import tiny_checkpoints as tiny
+from fixtures import tiny_checkpoints as tiny
 
 
 def generated_ids(pair, prompt, **options) -> list[int]:

@@ -17,6 +17,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
+from fixtures import tiny_checkpoints as tc
 from gemma_mtp_mlx import load
 from gemma_mtp_mlx.chat import repl as repl_module
 from gemma_mtp_mlx.chat import session as session_module
@@ -27,7 +28,6 @@ from gemma_mtp_mlx.chat.view import AnswerView, meter_text, stable_prefix
 from gemma_mtp_mlx.engine.generate import Chunk, generate
 from gemma_mtp_mlx.engine.stats import GenerationStats
 from gemma_mtp_mlx.errors import GemmaChatError
-from tests import tiny_checkpoints as tc
 
 QUESTIONS = ["Hello there", "What is the capital of France?", "Write a haiku about the ocean."]
 

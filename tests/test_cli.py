@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fixtures import tiny_checkpoints as tc
 from gemma_mtp_mlx import __version__
 from gemma_mtp_mlx.chat import session as session_module
 from gemma_mtp_mlx.cli import app, stderr_console, stdout_console
 from gemma_mtp_mlx.loading import load_tokenizer
-from tests import tiny_checkpoints as tc
 from tests.test_chat import build_tiny
 
 STATS_KEYS = {

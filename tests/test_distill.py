@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from fixtures import tiny_checkpoints as tiny
 from gemma_mtp_mlx import load
 from gemma_mtp_mlx.distill import (
     drafter_config,
@@ -19,7 +20,6 @@ from gemma_mtp_mlx.distill import (
 )
 from gemma_mtp_mlx.engine.context import Context
 from gemma_mtp_mlx.loading import load_drafter, load_target
-from tests import tiny_checkpoints as tiny
 from tests.conftest import generated_ids
 
 SMALL = dict(

@@ -5,8 +5,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from fixtures import tiny_checkpoints as tiny
 from gemma_mtp_mlx.engine.context import Context
-from tests import tiny_checkpoints as tiny
 from tests.conftest import assert_close
 
 LONG = [2, 40, 77, 301, 12, 99, 250, 7, 18, 400, 33, 61, 5, 130, 222, 17, 90, 311, 45, 8]

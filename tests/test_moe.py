@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from fixtures import tiny_checkpoints as tiny
 from gemma_mtp_mlx import load
 from gemma_mtp_mlx.models import moe
-from tests import tiny_checkpoints as tiny
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ window, across reused contexts, with end-of-sequence and --ignore-eos."""
 
 import pytest
 
+from fixtures import tiny_checkpoints as tiny
 from gemma_mtp_mlx import generate
 from gemma_mtp_mlx.engine.context import Context
-from tests import tiny_checkpoints as tiny
 
 PROMPT = [2, 40, 77, 301, 12]
 CASES = [(shape, centroids) for shape in tiny.SHAPES for centroids in (False, True)]

@@ -1,4 +1,4 @@
-"""Fast checks that the tiny HF checkpoint builders in tests/tiny_checkpoints.py work."""
+"""Fast checks that the tiny HF checkpoint builders in fixtures/tiny_checkpoints.py work."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import tiny_checkpoints as tc
+from fixtures import tiny_checkpoints as tc
 
 W = 8  # sliding window of all fixtures
 PROMPT = [tc.BOS_ID] + [int(x) for x in (np.arange(1, 20) * 37 + 11) % 480 + 24]  # 20 tokens > W
