@@ -265,7 +265,7 @@ def never_hit_pair(pair):
     pad = getattr(pair.tokenizer, "pad_token_id", None)
     token = pad if pad is not None and pad not in eos else 0
     drafter = NeverHit(pair.drafter, token, pair.target.args.vocab_size)
-    return dataclasses.replace(pair, drafter=drafter, costs={})
+    return dataclasses.replace(pair, drafter=drafter)
 
 
 # -- cost curves -------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def cost_curve(
     ids = mx.random.randint(3, args.vocab_size, (context + max_tokens,), key=mx.random.key(0))
     ids = ids.tolist()
     _, hidden, _ = ctx.prefill(ids[:context])
-    mx.eval([c.state for c in ctx.cache])
+    mx.eval([(c.keys, c.values) for c in ctx.cache])
 
     def target_step(t):
         def step():
@@ -311,7 +311,7 @@ def cost_curve(
         def step():
             kv = target.drafter_kv(ctx.cache, drafter.sliding_window)
             token = mx.array([[ids[context]]])
-            y, g = drafter(target.model.embed(token), hidden, kv, ctx.cache[0].offset)
+            y, g = drafter(target.model.embed(token), hidden, kv)
             choice = mx.argmax(head(y[0, 0]))
             return g, target.model.embed(choice.reshape(1, 1))
 
@@ -460,7 +460,7 @@ def moe_curve(config: dict | None = None, *, context: int = 256, reps: int = 5) 
     ctx.prefill(ids[:context])
     theirs = twin.make_cache()
     twin(mx.array([ids[:context]]), cache=theirs)
-    mx.eval([c.state for c in ctx.cache], [c.state for c in theirs])
+    mx.eval([(c.keys, c.values) for c in ctx.cache], [c.state for c in theirs])
     block = {t: mx.array([ids[context : context + t]]) for t in range(1, top + 1)}
     models = {"ours": (target, ctx.cache), "mlx_lm": (twin, theirs)}
     samples = {(name, t): [] for name in models for t in block}
@@ -827,7 +827,6 @@ def _report(pair, never_pair, results, cost, notes, *, max_tokens, repeats, quic
             "vs_plain": never["vs_plain"],
             "acceptance_rate": never["acceptance_rate"],
             "mean_draft_tokens": never["mean_draft_tokens"],  # 0 when the policy parks
-            "policy_costs": _policy_costs(never_pair),  # its policy measures its own
         },
         "weights_bytes": {
             "target": _nbytes(pair.target),
@@ -849,7 +848,6 @@ def _report(pair, never_pair, results, cost, notes, *, max_tokens, repeats, quic
                 "workload": next(iter(results)),
             },
         },
-        "policy_costs": _policy_costs(pair),
         "k_sweep": sweep,
         "workloads": results,
         "cost_curves": cost,
@@ -865,18 +863,6 @@ def _report(pair, never_pair, results, cost, notes, *, max_tokens, repeats, quic
 
 def _nbytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
-
-
-def _policy_costs(pair) -> dict | None:
-    """The cost model the engine's draft-length policy measured for this pair, if it did."""
-    costs = pair.costs.get(1)
-    if costs is None:
-        return None
-    base = costs.verify_seconds[0]
-    return {
-        "verify_ratios": [round(s / base, 4) for s in costs.verify_seconds],
-        "draft_step_ratio": round(costs.draft_step_seconds / base, 4),
-    }
 
 
 def _goal(value, target) -> dict:

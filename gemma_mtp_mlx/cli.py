@@ -5,12 +5,14 @@ Answers go to stdout; progress, warnings and statistics to stderr. Failures prin
 and exit 1 (typer's usage errors exit 2); `--debug` shows the traceback instead.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,10 +21,10 @@ from rich.markup import escape
 from . import __version__
 from .aliases import DEFAULT_MODEL
 from .bench import command as bench_command
-from .chat.session import Session, Settings, Turn
-from .chat.view import AnswerView
 from .errors import GemmaChatError
-from .prompt_file import answer_file, read_prompts
+
+if TYPE_CHECKING:  # the chat and the engine load only when a command needs them
+    from .chat.session import Session, Turn
 
 app = typer.Typer(
     add_completion=False,
@@ -72,6 +74,9 @@ def main_command(
     stdin is a pipe or a file."""
     if ctx.invoked_subcommand is not None:
         return
+    from .chat.session import Session, Settings
+    from .prompt_file import answer_file, read_prompts
+
     err = stderr_console()
     settings = Settings(
         max_tokens=max_tokens,
@@ -193,6 +198,8 @@ def _answer(turn: Turn, *, as_json: bool, err: Console) -> None:
         turn.run()
         print(json.dumps(answer_json(turn), ensure_ascii=False), flush=True)
         return
+    from .chat.view import AnswerView
+
     out = stdout_console()
     with AnswerView(out, err=err, keep_meter=False) as view:
         try:

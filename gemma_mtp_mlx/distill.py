@@ -66,7 +66,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import GemmaChatError
 from .models.assistant import Assistant, AssistantArgs, pairing_problems
-from .models.cache import window_mask
+from .models.cache import KVView, window_mask
 from .models.gemma4 import FULL, SLIDING, Model, ModelArgs
 
 __all__ = [
@@ -178,11 +178,11 @@ def target_forward(target: Model, tokens: mx.array):
     kv: list = [None] * len(m.layers)
     for i, layer in enumerate(m.layers):
         layer_ple = ple[:, :, i, :] if ple is not None else None
-        h, kv[i] = layer(h, 0, None, kv[a.kv_source_of(i)], layer_ple)
+        h, kv[i] = layer(h, None, kv[a.kv_source_of(i)], layer_ple)
     hidden = m.norm(h)
     sliding = kv[a.store_layer(SLIDING)]
     full = kv[a.store_layer(FULL)]
-    return hidden, target.logits(hidden), sliding[:2], full[:2]
+    return hidden, target.logits(hidden), sliding[:2], full[:2]  # (keys, values) of each view
 
 
 def drafter_masks(q_len: int, t_len: int, window: int) -> tuple[mx.array, mx.array]:
@@ -224,14 +224,15 @@ def unrolled_logits(drafter: Assistant, batch: TeacherBatch, depth: int) -> list
     """The drafter's logits [B, Q, V] for steps 1..depth, for every query row at once, run the
     way `engine.speculative.draft` runs at inference (see the module docstring)."""
     q_len = batch.hidden.shape[1]
+    # Query row i sits at position i + 1 (see drafter_masks).
     kv = {
-        SLIDING: (batch.sliding_keys, batch.sliding_values, batch.sliding_mask),
-        FULL: (batch.full_keys, batch.full_values, batch.full_mask),
+        SLIDING: KVView(batch.sliding_keys, batch.sliding_values, batch.sliding_mask, 1),
+        FULL: KVView(batch.full_keys, batch.full_values, batch.full_mask, 1),
     }
     g = batch.hidden
     out = []
     for s in range(1, depth + 1):
-        y, g = drafter(batch.embeds[:, s : s + q_len], g, kv, 1)
+        y, g = drafter(batch.embeds[:, s : s + q_len], g, kv)
         out.append(drafter.logits(y))
     return out
 

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -33,9 +33,6 @@ class Pair:
     tokenizer: object  # mlx_lm TokenizerWrapper
     target_path: Path
     drafter_path: Path | None = None
-    # The draft policy's cost models by number of rows verified together, measured on first use
-    # (engine/policy.py).
-    costs: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -1,7 +1,9 @@
-"""`gemma-chat --prompt-file FILE --batch B`: one answer per prompt line, B prompts at a time.
+"""`gemma-chat --prompt-file FILE --batch B`: one answer per prompt line, B prompts at a time
+(when one finishes, the next prompt takes its place).
 
 Each line is its own one-message conversation (with --system, --think, --raw as for --prompt).
-Answers go to stdout in input order as each batch finishes: one line per answer, so line i is
+Answers go to stdout in input order as soon as they and all before them are done: one line per
+answer, so line i is
 always prompt i's answer (newlines and backslashes inside an answer are written as `\\n` and
 `\\\\`, terminal control characters dropped as in the chat), or with --json one object per
 prompt. A prompt that cannot run (too long for the context) gets an error line on stderr and an
@@ -19,7 +21,7 @@ from rich.markup import escape
 from .chat.session import Session
 from .chat.thinking import ChannelSplitter
 from .chat.view import CONTROL
-from .engine.batch import Answer, generate_batch
+from .engine.batch import Answer, answers_as_they_finish
 from .errors import GemmaChatError
 
 
@@ -75,29 +77,26 @@ def answer_file(
     prompts = prepare(session, texts, raw=raw)
     runnable = [p for p in prompts if p.error is None]
     answers: dict[int, Answer] = {}
-    tokens, seconds = 0, 0.0
-    start = 0
-    for group_start in range(0, len(runnable), batch):
-        group = runnable[group_start : group_start + batch]
-        began = time.perf_counter()
-        results = generate_batch(
-            session.pair,
-            [p.ids for p in group],
-            max_tokens=[p.max_tokens for p in group],
-            **session.settings.decoding(),
-        )
-        seconds += time.perf_counter() - began
-        for p, a in zip(group, results):
-            answers[p.index] = a
-            tokens += len(a.token_ids)
-        # Everything up to the last answered prompt goes out now, in input order.
-        end = group[-1].index + 1
-        for p in prompts[start:end]:
-            _write(session, p, answers.get(p.index), as_json=as_json, err=err)
-        start = end
+    tokens, start = 0, 0
+    began = time.perf_counter()
+    finished = answers_as_they_finish(
+        session.pair,
+        [p.ids for p in runnable],
+        batch=batch,
+        max_tokens=[p.max_tokens for p in runnable],
+        **session.settings.decoding(),
+    )
+    for i, answer in finished:
+        answers[runnable[i].index] = answer
+        tokens += len(answer.token_ids)
+        # Everything up to the first prompt still running goes out now, in input order.
+        while start < len(prompts) and (prompts[start].error or prompts[start].index in answers):
+            _write(session, prompts[start], answers.get(prompts[start].index), as_json=as_json, err=err)
+            start += 1
+    seconds = time.perf_counter() - began
     for p in prompts[start:]:
         _write(session, p, None, as_json=as_json, err=err)
-    if seconds:
+    if answers:
         err.print(
             f"{len(answers)} answers · {tokens} tokens in {seconds:.1f} s · "
             f"{tokens / seconds:.1f} tok/s overall · batch {batch}",

@@ -31,29 +31,44 @@ def test_greedy_rows_equal_their_own_runs_past_the_window(echo_pairs, shape, cen
         assert max(a.stats.accepted for a in answers) > 0  # drafts were accepted and rolled back
 
 
-def test_rows_end_on_their_own(echo_pairs):
+@pytest.mark.parametrize("mode", [{"draft_tokens": 4}, {}], ids=["k4", "policy"])
+def test_rows_end_on_their_own(echo_pairs, mode):
     """End-of-sequence and per-row limits: a finished row leaves, the others go on unchanged."""
     pair = echo_pairs[("moe", True)]
     limits = [3, 30, 1, 17]
-    answers = generate_batch(pair, PROMPTS, max_tokens=limits, draft_tokens=4)
-    assert len({a.stats.accepted for a in answers}) > 1  # rows at different acceptance
+    answers = generate_batch(pair, PROMPTS, max_tokens=limits, **mode)
+    if mode:
+        assert len({a.stats.accepted for a in answers}) > 1  # rows at different acceptance
     for prompt, limit, answer in zip(PROMPTS, limits, answers):
         assert answer.token_ids == generated_ids(pair, prompt, max_tokens=limit, mtp=False)
         assert answer.finish_reason == ("stop" if len(answer.token_ids) < limit else "length")
 
 
+def test_a_finished_row_makes_room_for_the_next_prompt(echo_pairs):
+    """Two rows at a time over six prompts: each answer is still its own run's."""
+    pair = echo_pairs[("e2b", False)]
+    prompts = PROMPTS + [[2, 17, 18], [2, 300, 301, 302, 303]]
+    limits = [5, 40, 12, 25, 9, 33]
+    answers = generate_batch(pair, prompts, batch=2, max_tokens=limits, ignore_eos=True)
+    for prompt, limit, answer in zip(prompts, limits, answers):
+        assert answer.token_ids == generated_ids(
+            pair, prompt, max_tokens=limit, ignore_eos=True, mtp=False
+        )
+
+
 def test_sampled_rows_equal_their_own_seeded_runs(echo_pairs):
     """Row b draws from its own key stream (seed + b), the draws a single run with that seed
     makes: with the same draft length every round, batched sampling must reproduce those runs
-    token for token. (The single runs go on longer: near its limit a single run drafts less,
-    and its baseline probe round comes after 16 rounds, later than these 12 tokens.)"""
+    token for token. Same rounds means no run pauses to measure the baseline where another
+    does not: the engine's measurements are warmed for every batch size first. Near its limit
+    a row drafts as little as the longest row in the batch needs, a single run as it needs
+    itself: the last rounds may differ, so the first 30 of 40 tokens are compared."""
     for centroids in (False, True):
         pair = echo_pairs[("e2b", centroids)]
-        options = dict(temperature=1.0, top_k=50, ignore_eos=True, draft_tokens=2)
-        answers = generate_batch(pair, PROMPTS, seed=7, max_tokens=12, **options)
-        expected = [
-            generated_ids(pair, p, seed=7 + b, max_tokens=40, **options)[:12]
-            for b, p in enumerate(PROMPTS)
-        ]
-        assert [a.token_ids for a in answers] == expected
+        options = dict(temperature=1.0, top_k=50, ignore_eos=True, draft_tokens=2, max_tokens=40)
+        for width in range(1, len(PROMPTS) + 1):
+            generate_batch(pair, PROMPTS[:width], seed=7, **options)
+        answers = generate_batch(pair, PROMPTS, seed=7, **options)
+        expected = [generated_ids(pair, p, seed=7 + b, **options) for b, p in enumerate(PROMPTS)]
+        assert [a.token_ids[:30] for a in answers] == [e[:30] for e in expected]
         assert sum(a.stats.drafted for a in answers) > 0

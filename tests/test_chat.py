@@ -348,21 +348,16 @@ def test_meter_shows_measured_figures_only():
     assert "20.0 tok/s" in line and "baseline: measuring…" in line and "×" not in line
     assert "accepted 50%" in line and "2.00 tok/forward" in line and "draft K=3" in line
     assert "context 1,234/131,072" in line
-    stats.plain_step_seconds = [0.1, 0.1, 0.1]
+    stats.baseline_steps, stats.baseline_seconds = 3, 0.3
     line = meter_text(
         stats, mtp=True, draft=0, auto=True, context_used=1, context_limit=2, thinking_tokens=7
     ).plain
     assert "baseline 10.0 tok/s measured" in line and "2.00×" in line
     assert "drafting parked" in line and "thinking 7 tok" in line
-    line = meter_text(
-        GenerationStats(),
-        mtp=True,
-        draft=None,
-        context_used=1,
-        context_limit=2,
-        earlier_baseline=5.0,
-    ).plain
+    earlier = GenerationStats(decoded_tokens=10, decode_seconds=1.0, earlier_baseline_seconds=0.2)
+    line = meter_text(earlier, mtp=True, draft=None, context_used=1, context_limit=2).plain
     assert "baseline 5.0 tok/s measured earlier" in line and "draft K=auto" in line
+    assert "2.00×" in line
     line = meter_text(stats, mtp=True, draft=4, auto=True, context_used=1, context_limit=2).plain
     assert "draft K=4 (auto)" in line
     line = meter_text(stats, mtp=False, draft=None, context_used=1, context_limit=2).plain

@@ -119,9 +119,7 @@ def test_checkpoint_matches_transformers(trained, targets):
     kv = pair.target.drafter_kv(ctx.cache, pair.drafter.sliding_window)
     token, g = ref.first_token, hidden
     for step in range(2):
-        y, g = pair.drafter(
-            pair.target.model.embed(mx.array([[token]])), g, kv, ctx.cache[0].offset
-        )
+        y, g = pair.drafter(pair.target.model.embed(mx.array([[token]])), g, kv)
         np.testing.assert_allclose(
             np.array(pair.drafter.logits(y)[0, 0]), ref.logits[step], atol=2e-3
         )
@@ -152,7 +150,7 @@ def test_unrolled_training_forward_is_the_inference_path(targets, shape):
             if i + s >= T:
                 break
             emb = target.model.embed(mx.array([[x[i + s]]]))
-            y, g = drafter(emb, g, kv, ctx.cache[0].offset)
+            y, g = drafter(emb, g, kv)
             np.testing.assert_allclose(
                 np.array(trained[s - 1][0, i]), np.array(drafter.logits(y)[0, 0]), atol=1e-4
             )

@@ -1,64 +1,167 @@
-"""The draft-length policy: measured costs x running acceptance; parks when drafting loses."""
+"""The draft-length policy and the measurements behind it and the meter: costs learned from
+real rounds (synthetic figures here), and what the decoder times, under a controlled clock."""
+
+import pytest
 
 from gemma_mtp_mlx import generate
-from gemma_mtp_mlx.engine.policy import PROBE_EVERY, CostModel, DraftPolicy, expected_tokens
-from gemma_mtp_mlx.engine.stats import RoundStats
+from gemma_mtp_mlx.engine import decode, speculative
+from gemma_mtp_mlx.engine.costs import RowCosts, measurements_for
+from gemma_mtp_mlx.engine.decode import BASELINE_DRIFT, BASELINE_STEPS
+from gemma_mtp_mlx.engine.policy import PARKED_PROBE_START, DraftPolicy, expected_tokens
 
 PROMPT = [2, 40, 77, 301, 12]
 
 
-def drafting_round(k: int, accepted: int, seconds: float = 1.0) -> RoundStats:
-    return RoundStats(k, accepted, accepted + 1, 0.0, seconds, seconds)
+def measured(plain: float, draft_step: float, rest: dict[int, float]) -> RowCosts:
+    return RowCosts(plain=plain, draft_step=draft_step, rest=dict(rest), plain_context=0)
 
 
-def test_expected_tokens_and_round_costs():
+def test_expected_tokens():
     assert expected_tokens(0, [0.5, 0.5]) == 1.0
     assert expected_tokens(2, [0.5, 0.5]) == 1.75  # 1 + 0.5 + 0.25
-    costs = CostModel(verify_seconds=[1.0, 1.5, 2.0], draft_step_seconds=0.25, plain_step_seconds=0.8)
-    assert costs.round_seconds(0) == 0.8 and costs.round_seconds(2) == 2.5
+
+
+def test_costs_interpolate_extrapolate_and_start_from_priors():
+    costs = RowCosts()
+    costs.observe_plain(1.0, context=10)
+    assert costs.round_seconds(0) == 1.0
+    assert costs.round_seconds(2) == pytest.approx(2 * 0.2 + 1.1 + 2 * 0.05)  # priors only
+    costs.observe_round(2, draft_seconds=0.8, seconds=3.0)
+    assert costs.draft_step == pytest.approx(0.4) and costs.rest == {2: pytest.approx(2.2)}
+    assert costs.round_seconds(2) == pytest.approx(3.0)
+    assert costs.round_seconds(4) == pytest.approx(1.6 + 2.2 + 2 * 0.05)  # prior slope
+    costs.observe_round(4, draft_seconds=1.6, seconds=4.0)
+    assert costs.round_seconds(3) == pytest.approx(1.2 + 2.3)  # between the two measured
+    assert costs.round_seconds(6) == pytest.approx(2.4 + 2.6)  # their slope, onwards
+    assert costs.round_seconds(1) == pytest.approx(0.4 + 2.1)
+    costs.observe_plain(2.0, context=20)  # a decayed average that follows the context
+    assert 1.0 < costs.plain < 2.0 and costs.plain_context == 20
 
 
 def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
-    policy = DraftPolicy(CostModel([1.0, 1.05, 1.1, 1.15, 1.2], 0.02, 1.0))
+    costs = measured(1.0, 0.02, {k: 1.0 + 0.05 * k for k in range(1, 5)})
+    policy = DraftPolicy(max_draft=4)
     for _ in range(30):
-        policy.observe(drafting_round(4, 4, seconds=1.2))
-    assert policy.choose(limit=10) == 4
-    assert policy.choose(limit=2) == 2
+        policy.observe(4, 4)
+    assert policy.choose(costs, limit=10) == 4
+    assert policy.choose(costs, limit=2) == 2
 
 
 def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
-    policy = DraftPolicy(CostModel([1.0, 1.6, 2.2], 0.2, 1.0))
+    costs = measured(1.0, 0.2, {1: 1.4, 2: 1.8})
+    policy = DraftPolicy(max_draft=2)
     for _ in range(30):
-        policy.observe(drafting_round(1, 0, seconds=1.6))
-    assert policy.parked
-    # Probes after PROBE_EVERY parked rounds, then after twice as many, and so on.
-    choices = [policy.choose(limit=2) for _ in range(7 * PROBE_EVERY)]
+        policy.observe(1, 0)
+    assert policy.best(costs) == 0
+    # Probes after PARKED_PROBE_START parked rounds, then after twice as many, and so on.
+    choices = [policy.choose(costs, limit=2) for _ in range(7 * PARKED_PROBE_START)]
     probes = [i + 1 for i, k in enumerate(choices) if k]
-    assert probes == [PROBE_EVERY, 3 * PROBE_EVERY, 7 * PROBE_EVERY]
+    assert probes == [PARKED_PROBE_START, 3 * PARKED_PROBE_START, 7 * PARKED_PROBE_START]
 
 
-def test_policy_learns_what_rounds_really_cost():
-    """The start-up model says drafting 2 that are always accepted wins (3 tokens in 1.2 s
-    against 1 in 1.0 s plain); rounds that really take 3x the modelled time make it park."""
-    policy = DraftPolicy(CostModel([1.0, 1.1, 1.2], 0.0, 1.0))
+def test_policy_follows_what_rounds_really_cost():
+    """Drafting 2 that are always accepted wins at 1.2 s a round (3 tokens against 1 per 1.0 s
+    plain step); rounds that really take 3.6 s make it park, and cheap ones unpark it."""
+    costs = measured(1.0, 0.1, {2: 1.0})
+    policy = DraftPolicy(max_draft=2)
     for _ in range(30):
-        policy.observe(drafting_round(2, 2, seconds=1.2))
-    assert policy.choose(limit=2) == 2
+        policy.observe(2, 2)
+    assert policy.choose(costs, limit=2) == 2
     for _ in range(30):
-        policy.observe(drafting_round(2, 2, seconds=3.6))
-        policy.observe(RoundStats(0, 0, 1, 0.0, 0.9, 0.9))
-    assert policy.parked
+        costs.observe_round(2, draft_seconds=0.2, seconds=3.6)
+        costs.observe_round(1, draft_seconds=0.1, seconds=2.5)
+    assert policy.best(costs) == 0
+    for _ in range(30):
+        costs.observe_round(2, draft_seconds=0.2, seconds=1.2)
+    assert policy.best(costs) == 2
 
 
-def test_policy_rounds_are_lossless_and_cost_measurement_leaves_no_trace(echo_pairs):
+class Clock:
+    """A controlled clock: the engine's own work takes `tick` per reading, the reader's time
+    between chunks is what the test adds to `now`."""
+
+    def __init__(self, tick: float = 0.001):
+        self.now, self.tick = 1000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(decode, "clock", c)
+    monkeypatch.setattr(speculative, "clock", c)
+    return c
+
+
+def read(clock: Clock, chunks, reader_seconds: float):
+    """Every chunk, the reader spending `reader_seconds` on each before asking for the next."""
+    out = []
+    for chunk in chunks:
+        out.append(chunk)
+        clock.now += reader_seconds
+    return out
+
+
+def test_plain_decoding_times_what_its_reader_waits_and_measures_its_own_baseline(pairs, clock):
+    """Each step's time runs from the previous tokens out to these (the reader's time
+    included, as --no-mtp would measure it); every step but the one that fills the pipeline is
+    a baseline sample, so plain decoding shows no speedup over itself."""
+    chunks = read(clock, generate(pairs[("e2b", False)], PROMPT, max_tokens=30, ignore_eos=True, mtp=False), 0.1)
+    rounds = [c.round for c in chunks[1:]]
+    stats = chunks[-1].stats
+    assert [r.plain_steady for r in rounds] == [False] + [True] * 28
+    assert all(0.1 < r.seconds < 0.11 for r in rounds)
+    assert stats.decode_seconds == pytest.approx(sum(r.seconds for r in rounds))
+    assert stats.baseline_steps == 28
+    assert stats.speedup == pytest.approx(1.0, abs=0.01)
+
+
+def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pairs, clock):
+    """A pair with no plain step measured yet starts with a few (the one filling the pipeline
+    is not a sample), then drafts; the round after the pipeline hands over its token is
+    timed from the hand-over; costs learned for later answers of the same pair."""
+    pair = echo_pairs[("dense", True)]
+    measurements_for(pair.target, pair.drafter).by_rows.clear()
+    chunks = read(clock, generate(pair, PROMPT, max_tokens=60, ignore_eos=True, draft_tokens=3), 0.05)
+    rounds = [c.round for c in chunks[1:]]
+    assert [r.measuring for r in rounds[: BASELINE_STEPS + 1]] == [True] * (BASELINE_STEPS + 1)
+    assert [r.plain_steady for r in rounds[: BASELINE_STEPS + 1]] == [False] + [True] * BASELINE_STEPS
+    handed = rounds[BASELINE_STEPS + 1]
+    assert handed.drafted == 0 and not handed.plain_steady  # the pipeline's last token
+    assert rounds[BASELINE_STEPS + 2].drafted == 3
+    assert all(r.drafted == 3 for r in rounds[BASELINE_STEPS + 2 : -2])
+    stats = chunks[-1].stats
+    assert stats.baseline_steps == BASELINE_STEPS
+    costs = measurements_for(pair.target, pair.drafter).rows(1)
+    assert costs.plain == pytest.approx(0.05, rel=0.2) and 3 in costs.rest
+    # The next answer at about the same context measures nothing again: it drafts at once,
+    # and its baseline is the one measured before it.
+    again = read(clock, generate(pair, PROMPT, max_tokens=20, ignore_eos=True, draft_tokens=3), 0.05)
+    assert again[1].round.drafted == 3
+    assert again[-1].stats.baseline_is_earlier
+
+
+def test_the_baseline_is_measured_again_as_the_context_grows(echo_pairs, clock):
+    pair = echo_pairs[("moe", False)]
+    measurements_for(pair.target, pair.drafter).by_rows.clear()
+    chunks = read(
+        clock, generate(pair, PROMPT, max_tokens=2 * BASELINE_DRIFT + 40, ignore_eos=True, draft_tokens=2), 0.0
+    )
+    measuring = [c.round.measuring for c in chunks[1:]]
+    bursts = sum(1 for a, b in zip([False] + measuring, measuring) if b and not a)
+    assert bursts == 3  # at the start, then every BASELINE_DRIFT tokens of context
+
+
+def test_policy_rounds_are_lossless(echo_pairs):
     pair = echo_pairs[("moe", True)]
-    pair.costs = {}
     plain = [t for c in generate(pair, PROMPT, max_tokens=200, ignore_eos=True, mtp=False) for t in c.token_ids]
     ids, stats = [], None
     for chunk in generate(pair, PROMPT, max_tokens=200, ignore_eos=True):
         ids += chunk.token_ids
         stats = chunk.stats
-    assert len(pair.costs[1].verify_seconds) == 7
     assert ids == plain
     # Whether drafting pays for these tiny models depends on this machine's timings; parked or
     # not, the policy drafts at least its probes (a K = 1 round after 16 parked rounds).

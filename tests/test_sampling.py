@@ -5,8 +5,8 @@ import numpy as np
 
 from gemma_mtp_mlx import generate
 from gemma_mtp_mlx.engine.context import Context
-from gemma_mtp_mlx.engine.sampling import SamplerSettings, probabilities
-from gemma_mtp_mlx.engine.speculative import KeyStream, accept_sampled, sample
+from gemma_mtp_mlx.engine.sampling import Sampler, SamplerSettings, probabilities, sample
+from gemma_mtp_mlx.engine.speculative import accept_sampled
 
 
 def test_probabilities_apply_temperature_top_k_and_top_p():
@@ -26,12 +26,12 @@ def test_rejection_sampling_emits_the_target_distribution():
     draft was accepted, the second must follow p1 — whatever q proposed."""
     p = mx.array([[0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6], [0.25, 0.25, 0.25, 0.25]])
     q = mx.array([[0.1, 0.2, 0.6, 0.1], [0.7, 0.1, 0.1, 0.1]])
-    keys = KeyStream(0)
+    sampler = Sampler(SamplerSettings(1.0), seed=0)
     n = 20000
     first, second = np.zeros(4), np.zeros(4)
     for _ in range(n):
-        drafts = sample(q, keys())
-        accepted, nxt = accept_sampled(p, q, drafts, keys)
+        drafts = sample(q, sampler.key())
+        accepted, nxt = accept_sampled(p, q, drafts, sampler)
         a = accepted.item()
         emitted = drafts[:a].tolist() + [nxt.item()]
         first[emitted[0]] += 1

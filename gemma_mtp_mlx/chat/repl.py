@@ -260,7 +260,6 @@ class Repl:
             context_used=self.session.context_used,
             context_limit=self.session.context_limit,
             thinking_tokens=turn.thinking_tokens,
-            earlier_baseline=self.session.baseline,
         )
 
     # -- slash commands ------------------------------------------------------------------------
@@ -326,9 +325,12 @@ class Repl:
             ("decode", _rate(st.tokens_per_second)),
             (
                 "baseline",
-                _rate(st.baseline_tokens_per_second, "measured")
+                _rate(
+                    st.baseline_tokens_per_second,
+                    "measured earlier" if st.baseline_is_earlier else "measured",
+                )
                 if st.baseline_tokens_per_second
-                else "not measured in this answer",
+                else "not measured yet",
             ),
             ("speedup", f"{st.speedup:.2f}×" if st.speedup else "–"),
             ("drafting", _drafting(turn)),

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..engine.context import Context
+from ..engine.context import DEFAULT_SLACK, Context, max_draft_tokens
 from ..engine.generate import generate
 from ..engine.stats import GenerationStats
 from ..errors import GemmaChatError
@@ -27,7 +27,6 @@ from .thinking import ChannelSplitter, strip_channels
 
 SESSION_FORMAT = "gemma-chat.session"
 SESSION_VERSION = 1
-_SLACK = 64  # rollback room of the sliding caches; bounds the draft length (K + 2 <= slack)
 _PROBE = "gemma-chat-probe"
 
 
@@ -69,7 +68,6 @@ class Update:
 @dataclass
 class Verification:
     identical: bool | None  # None: not comparable token by token (a sampled answer)
-    first_difference: int | None
     tokens: int
     message: str
 
@@ -119,7 +117,7 @@ class Turn:
     @property
     def draft_now(self) -> int | None:
         """Drafts per round now: the fixed K, or what the engine's policy chose lately (0 when
-        it parked drafting; a lone plain round is the baseline probe, not parking); None before
+        it parked drafting; plain rounds that measure the baseline do not count); None before
         the first round or without MTP."""
         if not self.used_mtp:
             return None
@@ -159,7 +157,7 @@ class Turn:
             for chunk in chunks:
                 self.token_ids += chunk.token_ids
                 self.stats = chunk.stats
-                if chunk.round is not None:
+                if chunk.round is not None and not chunk.round.measuring:
                     self._recent_drafts.append(chunk.round.drafted)
                 thinking, text = self.splitter.feed(chunk.token_ids)
                 if chunk.finish_reason:
@@ -201,9 +199,8 @@ class Session:
         self.system = system or None
         self.model_name = model_name or pair.name
         self.messages: list[dict] = []  # user and assistant turns; the system prompt is apart
-        self.context = Context(pair.target, slack=_SLACK)
+        self.context = Context(pair.target, slack=DEFAULT_SLACK)
         self.last: Turn | None = None
-        self.baseline: float | None = None  # plain decode tok/s measured in an earlier answer
         self._carried: list[int] | None = None
         self._turn_end = self._turn_end_ids()
         self._check_draft_tokens(self.settings.draft_tokens)
@@ -267,8 +264,8 @@ class Session:
         return self.mtp_state()
 
     def _check_draft_tokens(self, k: int | None) -> None:
-        if k is not None and k + 2 > self.context.slack:
-            raise GemmaChatError(f"at most {self.context.slack - 2} draft tokens")
+        if k is not None and k > max_draft_tokens(self.context.slack):
+            raise GemmaChatError(f"at most {max_draft_tokens(self.context.slack)} draft tokens")
 
     # -- turns ---------------------------------------------------------------------------------
     def ask(self, text: str) -> Turn:
@@ -330,8 +327,6 @@ class Session:
         body = strip_channels(ids, turn.splitter.open_id, turn.splitter.close_id)
         self._carried = None if self._turn_end is None else turn.prompt + body + self._turn_end
         self.last = turn
-        if turn.stats is not None and turn.stats.baseline_tokens_per_second:
-            self.baseline = turn.stats.baseline_tokens_per_second
 
     def _render(self, messages: list[dict], *, generation: bool) -> str:
         tokenizer = self.pair.tokenizer
@@ -380,7 +375,6 @@ class Session:
         if last.settings.temperature > 0:
             return Verification(
                 None,
-                None,
                 n,
                 f"the last answer was sampled (temperature {last.settings.temperature:g}): MTP "
                 "keeps every token distributed exactly as the target's, but a sampled answer is "
@@ -394,7 +388,7 @@ class Session:
                 max_tokens=n,
                 mtp=False,
                 ignore_eos=last.settings.ignore_eos,
-                context=Context(self.pair.target, slack=_SLACK),
+                context=Context(self.pair.target, slack=DEFAULT_SLACK),
             )
             for t in chunk.token_ids
         ]
@@ -409,7 +403,7 @@ class Session:
                 f"different: the last answer ({how}) and plain decoding part at token {first} "
                 f"of {n} ({_token_at(last.token_ids, first)} vs {_token_at(replay, first)})"
             )
-        return Verification(first is None, first, n, message)
+        return Verification(first is None, n, message)
 
     # -- /save and /load -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -60,7 +60,6 @@ def meter_text(
     context_used: int,
     context_limit: int,
     thinking_tokens: int = 0,
-    earlier_baseline: float | None = None,
 ) -> Text:
     """One line: tok/s now, measured baseline, speedup, acceptance, tokens per target forward,
     draft length (`draft`; 0 = parked, None = not chosen yet) or MTP off, thinking tokens,
@@ -76,12 +75,8 @@ def meter_text(
         base = stats.baseline_tokens_per_second if stats else None
         speedup = stats.speedup if stats else None
         if base:
-            parts.append(f"baseline {base:.1f} tok/s measured")
-        elif earlier_baseline:
-            base = earlier_baseline
-            parts.append(f"baseline {base:.1f} tok/s measured earlier")
-            if stats and stats.tokens_per_second:
-                speedup = stats.tokens_per_second / base
+            earlier = " earlier" if stats.baseline_is_earlier else ""
+            parts.append(f"baseline {base:.1f} tok/s measured{earlier}")
         else:
             parts.append("baseline: measuring…")
         if speedup:

@@ -10,10 +10,21 @@ from ..errors import GemmaChatError
 from ..models.gemma4 import Model
 
 PREFILL_CHUNK = 512
+# Rollback room of the sliding-window caches (models/cache.py); it bounds the draft length.
+DEFAULT_SLACK = 64
+
+
+def max_draft_tokens(slack: int) -> int:
+    """The most drafts one round may verify with sliding caches of this slack. A round writes
+    its K + 1 tokens and rolls back at most its K drafts (also when the answer ends inside the
+    round: the round's first token was emitted before it), and a sliding cache can roll back
+    slack - 1 positions (`SlidingWindowCache.max_rollback`: the drafter reads one key more than
+    the window)."""
+    return slack - 1
 
 
 class Context:
-    def __init__(self, target: Model, slack: int = 64):
+    def __init__(self, target: Model, slack: int = DEFAULT_SLACK):
         self.target = target
         self.slack = slack
         self.cache = target.make_cache(slack)
@@ -27,7 +38,7 @@ class Context:
         """Forget the last n cached tokens (a rejected draft, or a diverging prompt)."""
         if n <= 0:
             return
-        if all(getattr(c, "can_trim", lambda _: True)(n) for c in self.cache):
+        if all(n <= c.max_rollback() for c in self.cache):
             for c in self.cache:
                 c.trim(n)
             del self.tokens[-n:]
@@ -57,7 +68,7 @@ class Context:
         new = tokens[len(self.tokens) :]
         while len(new) > PREFILL_CHUNK:
             self.target.model(mx.array([new[:PREFILL_CHUNK]]), self.cache)
-            mx.eval([c.state for c in self.cache])
+            mx.eval([(c.keys, c.values) for c in self.cache])
             self.tokens += new[:PREFILL_CHUNK]
             new = new[PREFILL_CHUNK:]
         logits, hidden = self.target(mx.array([new]), self.cache, return_hidden=True, last_only=True)

@@ -1,6 +1,6 @@
-"""`generate`: prompt -> streamed chunks of text and token ids, plain or speculative."""
+"""`generate`: prompt -> streamed chunks of text and token ids, plain or speculative (a decoder
+of one answer, engine/decode.py, with the text added)."""
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -8,16 +8,9 @@ import mlx.core as mx
 
 from ..errors import GemmaChatError
 from .context import Context
-from .plain import PlainSteps
-from .policy import DraftPolicy, measure_costs
-from .sampling import SamplerSettings, ban_bias, probabilities, sample
-from .speculative import KeyStream, Row, run_round
+from .decode import Decoder, Emitted
+from .sampling import Sampler, SamplerSettings, ban_bias
 from .stats import GenerationStats, RoundStats
-
-# The most drafts per round the policy considers (explicit --draft-tokens may ask for more).
-POLICY_MAX_DRAFT = 6
-# Every PROBE_EVERY-th round drafts nothing: a plain decode step, timed as the measured baseline.
-PROBE_EVERY = 16
 
 
 @dataclass
@@ -26,56 +19,35 @@ class Chunk:
     token_ids: list[int]
     stats: GenerationStats
     finish_reason: str | None = None  # "stop" (end of sequence) or "length" on the last chunk
-    round: RoundStats | None = None  # the speculative round that produced this chunk
+    round: RoundStats | None = None  # the round that produced this chunk (None: the prefill)
 
 
-def encode_prompt(
-    tokenizer, prompt, *, raw: bool = False, system: str | None = None, think: bool = False
-) -> list[int]:
-    """A string (chat-templated unless `raw`), a list of chat messages, or token ids.
-    Thinking is passed explicitly: mlx-lm's wrapper would switch it on for Gemma 4 otherwise."""
+def encode_prompt(tokenizer, prompt, *, raw: bool = False) -> list[int]:
+    """A string (chat-templated unless `raw`), a list of chat messages, or token ids. Thinking
+    is passed explicitly: mlx-lm's wrapper would switch it on for Gemma 4 otherwise."""
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if isinstance(prompt, str) and raw:
         return tokenizer.encode(prompt)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system and not any(m.get("role") == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system})
     if tokenizer.chat_template is None:
         raise GemmaChatError("this tokenizer has no chat template; use --raw")
     return list(
         tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, enable_thinking=think
+            messages, add_generation_prompt=True, tokenize=True, enable_thinking=False
         )
     )
 
 
-def answer_end(new: list[int], done: int, max_tokens: int, eos: set[int] | None) -> tuple[int, str | None]:
-    """Where the `new` tokens end an answer that already has `done`: (index of the last token
-    kept, "stop" at an end-of-sequence token or "length" at max_tokens), or (-, None)."""
-    stop_at = next((i for i, t in enumerate(new) if t in eos), None) if eos else None
-    if stop_at is not None:
-        return stop_at, "stop"
-    if done + len(new) >= max_tokens:
-        return max_tokens - done - 1, "length"
-    return len(new) - 1, None
-
-
-def most_drafts(drafter, draft_tokens: int | None) -> int:
-    """The most drafts a round may hold: none without a drafter, the fixed K, or the policy's
-    ceiling."""
-    if draft_tokens is not None and draft_tokens < 0:
-        raise GemmaChatError("draft tokens must be 0 or more")
-    if drafter is None:
-        return 0
-    return POLICY_MAX_DRAFT if draft_tokens is None else draft_tokens
-
-
-def first_token(logits: mx.array, settings: SamplerSettings, bias, keys: KeyStream) -> mx.array:
-    """The token after the prompt, [1, 1], from the prefill's last logits [1, 1, V]."""
-    logits = logits[0, 0] if bias is None else logits[0, 0] + bias
-    first = mx.argmax(logits) if settings.greedy else sample(probabilities(logits, settings), keys())
-    return first.reshape(1, 1)
+def make_sampler(
+    pair, *, temperature=0.0, top_p=1.0, top_k=0, seed=None, ignore_eos=False
+) -> tuple[Sampler, frozenset[int]]:
+    """A sampler for one answer and the ids that end it (none under `ignore_eos`, which bans
+    them instead)."""
+    eos = frozenset(pair.tokenizer.eos_token_ids)
+    bias = ban_bias(pair.target.args.vocab_size, sorted(eos)) if ignore_eos else None
+    sampler = Sampler(SamplerSettings(temperature, top_k, top_p), bias, seed)
+    return sampler, frozenset() if ignore_eos else eos
 
 
 def generate(
@@ -99,76 +71,28 @@ def generate(
     decoding; sampling: distributed as the target's). `context` carries a KV cache over from
     earlier prompts (a chat); only the tokens after the common prefix are prefilled."""
     tokens = encode_prompt(pair.tokenizer, prompt, raw=raw)
-    drafter = pair.drafter if mtp else None
-    k = most_drafts(drafter, draft_tokens)
-    ctx = context or Context(pair.target, slack=max(64, k + 2))
-    if k + 2 > ctx.slack:
-        raise GemmaChatError(f"at most {ctx.slack - 2} draft tokens with this context")
-    settings = SamplerSettings(temperature, top_k, top_p)
-    eos = set(pair.tokenizer.eos_token_ids)
-    bias = ban_bias(pair.target.args.vocab_size, sorted(eos)) if ignore_eos else None
-    keys = KeyStream(seed)
-    stats = GenerationStats(context_tokens=len(ctx.tokens))
+    sampler, stop = make_sampler(
+        pair, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos
+    )
+    decoder = Decoder(pair, mtp=mtp, draft_tokens=draft_tokens)
     mx.reset_peak_memory()
-
-    start = time.perf_counter()
-    logits, hidden, stats.prompt_tokens = ctx.prefill(tokens)
-    token = first_token(logits, settings, bias, keys)
-    new = [token.item()]
-    stats.prefill_seconds = time.perf_counter() - start
-    policy = None
-    if drafter is not None and draft_tokens is None:
-        if 1 not in pair.costs:  # measured once per pair, on this machine
-            pair.costs[1] = measure_costs([Row(ctx, token, hidden, keys)], drafter, k)
-        policy = DraftPolicy(pair.costs[1])
-
     detok = pair.tokenizer.detokenizer
     detok.reset()
-    emitted: list[int] = []
-    rounds, last_round, plain = 0, None, None
     try:
-        while True:
-            stop_at, finish = answer_end(new, len(emitted), max_tokens, None if ignore_eos else eos)
-            if finish:
-                if plain:
-                    plain.close()
-                ctx.rewind(len(new) - 1 - stop_at)  # what follows the last token never counts
-                new = new[: stop_at + 1]
-            emitted += new
-            stats.generated_tokens = len(emitted)
-            stats.peak_memory_bytes = mx.get_peak_memory()
-            for t in new:
-                detok.add_token(t)
-            if finish:
-                detok.finalize()
-                yield Chunk(detok.last_segment, new, stats, finish, last_round)
-                return
-            yield Chunk(detok.last_segment, new, stats, None, last_round)
+        emitted = decoder.add(tokens, sampler, max_tokens=max_tokens, stop=stop, context=context)
+        yield _chunk(emitted, detok)
+        while emitted.finish_reason is None:
+            for emitted in decoder.step():
+                yield _chunk(emitted, detok)
+    finally:  # also when the reader stops early: the cache holds exactly what was emitted
+        decoder.close()
 
-            # Rounds that draft nothing are plain decoding, pipelined (engine/plain.py); every
-            # PROBE_EVERY-th round is one of them, to measure the baseline (stats.py).
-            handed = None
-            round_k = 0
-            if drafter is not None and rounds % PROBE_EVERY != PROBE_EVERY - 1:
-                # A running plain pipeline hands over one more token before drafting starts.
-                limit = max(0, min(k, max_tokens - len(emitted) - 1 - (plain is not None)))
-                round_k = policy.choose(limit) if policy else limit
-            if round_k == 0:
-                plain = plain or PlainSteps(ctx, token, settings, bias, keys)
-                result = plain.step()
-            else:
-                if plain:
-                    handed, plain = plain.hand_over(), None
-                    stats.add_round(handed.stats)
-                    token, hidden = handed.token, handed.hidden
-                result = run_round(ctx, drafter, token, hidden, round_k, settings, bias, keys)
-                if handed:
-                    result.tokens = handed.tokens + result.tokens
-            if policy:
-                policy.observe(result.stats)
-            stats.add_round(result.stats)
-            rounds += 1
-            new, token, hidden, last_round = result.tokens, result.token, result.hidden, result.stats
-    finally:
-        if plain:  # an answer stopped early by its reader
-            plain.close()
+
+def _chunk(emitted: Emitted, detok) -> Chunk:
+    stats = emitted.stream.stats
+    stats.peak_memory_bytes = mx.get_peak_memory()
+    for t in emitted.tokens:
+        detok.add_token(t)
+    if emitted.finish_reason:
+        detok.finalize()
+    return Chunk(detok.last_segment, emitted.tokens, stats, emitted.finish_reason, emitted.round)

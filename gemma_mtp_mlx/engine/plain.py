@@ -1,71 +1,74 @@
-"""Plain decoding (no drafts), pipelined: the forward for token n+1 is queued before the host
-reads token n, so building the next graph overlaps the current computation (as mlx-lm's
-`async_eval` loop does). The queued step has already put the newest token into the cache and
-into `Context.tokens` (they always agree).
+"""Plain decoding (no drafts) of one or more rows, pipelined: the forward for token n+1 is
+queued before the host reads token n, so building the next graph overlaps the current
+computation (as mlx-lm's `async_eval` loop does). The queued step has already put the newest
+token into the cache and into `Context.tokens` (they always agree).
 
-Two ways out: `close()` takes that look-ahead back out, leaving the usual state (everything but
-the newest token cached); `hand_over()` instead waits for the queued token and returns it as a
-finished step with the hidden state a speculative round starts from, so switching from plain to
-drafting (the policy unparking) wastes no forward.
+Ways out: `close()` takes that look-ahead back out, leaving the usual `Row` state (everything
+but the newest token cached; `token` and `hidden` are that token and the state that produced
+it); `drop(row)` does so for one row that finished, while the others go on; `hand_over()`
+instead waits for the queued tokens and leaves them as the rows' newest tokens, so switching
+from plain to drafting (the policy unparking) wastes no forward.
 """
-
-import time
 
 import mlx.core as mx
 
-from .context import Context
-from .sampling import SamplerSettings, probabilities, sample
-from .speculative import KeyStream, RoundResult
-from .stats import RoundStats
+from .speculative import Row, rows_cache
 
 
 class PlainSteps:
-    def __init__(
-        self, ctx: Context, token: mx.array, settings: SamplerSettings, bias, keys: KeyStream
-    ):
-        self.ctx, self.settings, self.bias, self.keys = ctx, settings, bias, keys
-        self.queued, self.queued_hidden = self._feed(token)
-        ctx.tokens.append(token.item())
-        self.last = time.perf_counter()
-        self.open = True
+    def __init__(self, rows: list[Row]):
+        self.rows = list(rows)
+        self.queued, self.queued_hidden = self._feed([r.token for r in self.rows])
+        for r in self.rows:
+            r.ctx.tokens.append(r.token.item())
 
-    def _feed(self, token: mx.array) -> tuple[mx.array, mx.array]:
-        """Put `token` (possibly not computed yet) into the cache and queue the computation of
-        the token after it."""
-        logits, hidden = self.ctx.target(token, self.ctx.cache, return_hidden=True, last_only=True)
-        logits = logits[0, -1]
-        if self.bias is not None:
-            logits = logits + self.bias
-        if self.settings.greedy:
-            nxt = mx.argmax(logits)
-        else:
-            nxt = sample(probabilities(logits, self.settings), self.keys())
-        nxt = nxt.reshape(1, 1)
+    def _feed(self, tokens: list[mx.array]) -> tuple[list[mx.array], mx.array]:
+        """Put each row's `token` (possibly not computed yet) into its cache and queue the
+        computation of the token after it."""
+        block = mx.concatenate([t.reshape(1, 1) for t in tokens])
+        logits, hidden = self.rows[0].ctx.target(
+            block, rows_cache(self.rows), return_hidden=True, last_only=True
+        )
+        nxt = [r.sampler.pick(logits[b, -1]).reshape(1, 1) for b, r in enumerate(self.rows)]
         mx.async_eval(nxt, hidden)
         return nxt, hidden
 
-    def _finish(self, token: mx.array, hidden: mx.array) -> RoundResult:
-        token_id = token.item()
-        now = time.perf_counter()
-        seconds, self.last = now - self.last, now
-        return RoundResult([token_id], token, hidden, RoundStats(0, 0, 1, 0.0, seconds, seconds))
+    def step(self) -> list[int]:
+        """Each row's next token; the forward after it is queued before the host waits."""
+        tokens, hidden = self.queued, self.queued_hidden
+        self.queued, self.queued_hidden = self._feed(tokens)
+        ids = [t.item() for t in tokens]
+        for b, (r, t) in enumerate(zip(self.rows, ids)):
+            r.ctx.tokens.append(t)
+            r.token, r.hidden = tokens[b], hidden[b : b + 1]
+        return ids
 
-    def step(self) -> RoundResult:
-        """The next token; its own forward is queued before the host waits for it."""
-        token, hidden = self.queued, self.queued_hidden
-        self.queued, self.queued_hidden = self._feed(token)
-        self.ctx.tokens.append(token.item())
-        return self._finish(token, hidden)
+    def hand_over(self) -> list[int]:
+        """The queued tokens as one more plain step, leaving the state a speculative round
+        starts from: everything before them cached, and the hidden states that produced them."""
+        ids = [t.item() for t in self.queued]
+        for b, r in enumerate(self.rows):
+            r.token, r.hidden = self.queued[b], self.queued_hidden[b : b + 1]
+        self.rows = []
+        return ids
 
-    def hand_over(self) -> RoundResult:
-        """The queued token as one more plain step, leaving the state a speculative round
-        starts from: everything before it cached, and the hidden state that produced it."""
-        self.open = False
-        return self._finish(self.queued, self.queued_hidden)
+    def drop(self, row: Row) -> None:
+        """`row` leaves: its look-ahead is taken out (the queued forward still computes its next
+        token, which nobody reads)."""
+        b = self.rows.index(row)
+        _take_back(row)
+        del self.rows[b], self.queued[b]
+        self.queued_hidden = mx.concatenate(
+            [self.queued_hidden[:b], self.queued_hidden[b + 1 :]]
+        )
 
     def close(self) -> None:
-        if self.open:
-            self.open = False
-            for c in self.ctx.cache:
-                c.trim(1)
-            self.ctx.tokens.pop()
+        for r in self.rows:
+            _take_back(r)
+        self.rows = []
+
+
+def _take_back(row: Row) -> None:
+    for c in row.ctx.cache:
+        c.trim(1)
+    row.ctx.tokens.pop()

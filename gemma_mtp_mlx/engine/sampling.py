@@ -1,10 +1,11 @@
-"""Logits -> token distributions, applied identically to the target and the drafter.
+"""Logits -> tokens, applied identically to the target and the drafter.
 
 Exact speculative sampling needs the drafter's *actual* proposal distribution q, so drafts are
-sampled from `probabilities(...)` of the drafter's logits with the very same settings that turn
-the target's logits into p (spec pitfall 18).
+sampled from `Sampler.probs` of the drafter's logits with the very same settings and bias that
+turn the target's logits into p (spec pitfall 18).
 """
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -23,7 +24,7 @@ class SamplerSettings:
 
 def ban_bias(vocab: int, banned: list[int]) -> mx.array | None:
     """An additive logit bias that makes `banned` ids (end-of-sequence under --ignore-eos)
-    impossible; built once per generation, added to target and drafter logits alike."""
+    impossible."""
     if not banned:
         return None
     bias = mx.zeros((vocab,), dtype=mx.float32)
@@ -54,3 +55,47 @@ def probabilities(logits: mx.array, s: SamplerSettings) -> mx.array:
 def sample(probs: mx.array, key: mx.array) -> mx.array:
     """One token id per row of `probs` (zero-probability tokens are never drawn)."""
     return mx.random.categorical(mx.log(probs), axis=-1, key=key)
+
+
+class Sampler:
+    """How one sequence turns logits into tokens: its settings, an additive bias over the
+    vocabulary (None, or end of sequence banned under --ignore-eos) and its own stream of
+    random keys, reproducible from one seed. `ids` restrict logits to a subset of the
+    vocabulary (the drafter's centroid head scores only its candidates)."""
+
+    def __init__(
+        self,
+        settings: SamplerSettings = SamplerSettings(),
+        bias: mx.array | None = None,
+        seed: int | None = None,
+    ):
+        self.settings = settings
+        self.bias = bias
+        self._key = mx.random.key(seed if seed is not None else time.time_ns() % 2**32)
+
+    @property
+    def greedy(self) -> bool:
+        return self.settings.greedy
+
+    def key(self) -> mx.array:
+        """A fresh key for one draw."""
+        self._key, sub = mx.random.split(self._key)
+        return sub
+
+    def biased(self, logits: mx.array, ids: mx.array | None = None) -> mx.array:
+        if self.bias is None:
+            return logits
+        return logits + (self.bias if ids is None else self.bias[ids])
+
+    def probs(self, logits: mx.array, ids: mx.array | None = None) -> mx.array:
+        return probabilities(self.biased(logits, ids), self.settings)
+
+    def draw(self, probs: mx.array) -> mx.array:
+        return sample(probs, self.key())
+
+    def pick(self, logits: mx.array, ids: mx.array | None = None) -> mx.array:
+        """The next token (as an index into `logits`' last axis): the argmax, or a draw."""
+        logits = self.biased(logits, ids)
+        if self.greedy:
+            return mx.argmax(logits, axis=-1)
+        return self.draw(probabilities(logits, self.settings))

@@ -1,11 +1,14 @@
-"""Counters for one answer: rounds, drafts, acceptance by position, time split, throughput.
+"""Counters for one answer: rounds, drafts, acceptance by position, time split, throughput,
+and the measured plain-decoding baseline the speedup is taken against.
 
-Every figure is measured on this run. The baseline (plain decode tok/s) comes from rounds that
-drafted nothing (K = 0), which are exactly plain decode steps of the same model on the same
-machine at the same context length.
+Every figure is measured on this run. A round's `seconds` is the wall time from the moment the
+answer's previous tokens were out to the moment its own were, so the decode time is exactly
+what the reader waited. The baseline is plain decoding's speed measured the same way:
+steady-state steps of the pipelined plain loop of the same model, on the same machine, at this
+context, within this answer (the engine runs a few now and then, and parked rounds are such
+steps). An answer too short to hold any takes the latest such measurement from earlier answers.
 """
 
-import statistics
 from dataclasses import dataclass, field
 
 
@@ -16,7 +19,9 @@ class RoundStats:
     emitted: int
     draft_seconds: float
     verify_seconds: float
-    seconds: float
+    seconds: float  # wall time since the answer's previous tokens were out
+    plain_steady: bool = False  # a steady-state pipelined plain step: a baseline sample
+    measuring: bool = False  # plain only to measure the baseline (not the policy parking)
 
 
 @dataclass
@@ -34,7 +39,9 @@ class GenerationStats:
     decode_seconds: float = 0.0
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_position: list[int] = field(default_factory=list)
-    plain_step_seconds: list[float] = field(default_factory=list)
+    baseline_steps: int = 0
+    baseline_seconds: float = 0.0
+    earlier_baseline_seconds: float | None = None  # a plain step measured before this answer
     peak_memory_bytes: int = 0
 
     def add_round(self, r: RoundStats) -> None:
@@ -52,8 +59,9 @@ class GenerationStats:
         for i in range(r.drafted):
             self.drafted_by_position[i] += 1
             self.accepted_by_position[i] += int(i < r.accepted)
-        if r.drafted == 0:
-            self.plain_step_seconds.append(r.seconds)
+        if r.plain_steady:
+            self.baseline_steps += 1
+            self.baseline_seconds += r.seconds
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -71,10 +79,17 @@ class GenerationStats:
 
     @property
     def baseline_tokens_per_second(self) -> float | None:
-        """Plain decode speed measured in this run (median of the K = 0 rounds)."""
-        if not self.plain_step_seconds:
-            return None
-        return 1.0 / statistics.median(self.plain_step_seconds)
+        """Plain decoding's speed: this answer's steady plain steps, else the latest earlier."""
+        if self.baseline_steps:
+            return self.baseline_steps / self.baseline_seconds
+        if self.earlier_baseline_seconds:
+            return 1.0 / self.earlier_baseline_seconds
+        return None
+
+    @property
+    def baseline_is_earlier(self) -> bool:
+        """The baseline was measured before this answer (it ran no steady plain steps)."""
+        return not self.baseline_steps and bool(self.earlier_baseline_seconds)
 
     @property
     def speedup(self) -> float | None:

@@ -110,14 +110,15 @@ class Assistant(nn.Module):
     def sliding_window(self) -> int:
         return self.args.text.sliding_window
 
-    def __call__(self, embedding: mx.array, hidden: mx.array, kv: dict, position: int):
+    def __call__(self, embedding: mx.array, hidden: mx.array, kv: dict):
         """One draft step. `embedding` = the target's scaled embedding of the newest token,
         `hidden` = the target's post-norm hidden state (first step) or the previous g_next;
-        `kv` = {layer type: (keys, values, mask)} read from the target caches.
-        Returns (y, g_next): the drafter's normed state (for logits) and the recurrent state."""
+        `kv` = {layer type: view} read from the target caches (`Model.drafter_kv`); the views
+        also carry the query's position. Returns (y, g_next): the drafter's normed state (for
+        logits) and the recurrent state."""
         x = self.pre_projection(mx.concatenate([embedding, hidden], axis=-1))
         for layer in self.model.layers:
-            x, _ = layer(x, position, None, kv[layer.layer_type])
+            x, _ = layer(x, None, kv[layer.layer_type])
         y = self.model.norm(x)
         return y, self.post_projection(y)
 

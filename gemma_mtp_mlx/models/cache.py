@@ -1,21 +1,32 @@
-"""KV caches for the Gemma 4 target that can roll back a rejected draft exactly.
+"""KV caches for the Gemma 4 target that can roll back a rejected draft exactly, and the views
+that attention reads through.
 
-Full-attention layers use mlx-lm's growing `KVCache` (trimming it is exact at any length).
+One protocol for every layer: `cache.store(keys, values, rope)` applies RoPE to the new keys at
+the cache's position, stores them and returns a `KVView` (keys, values, mask, and the position
+of the first query) that `view.attend(queries, rope)` turns into attention. KV-shared layers and
+the drafter attend through the view their source layer returned; the model never sees offsets.
+
+Full-attention layers use `FullCache`, mlx-lm's growing `KVCache` (trimming it is exact at any
+length).
 
 Sliding-window layers use `SlidingWindowCache`, a ring buffer of `window + slack` slots where
 the key of absolute position p always lives in slot `p % capacity`. Keeping `slack` extra slots
-means that after a verify block of up to `slack` tokens is partly rejected, the entries that the
-rejected tokens overwrote are older than any future query's window: rolling back is just moving
-the offset back (mlx-lm's `RotatingKVCache` cannot be trimmed once it has wrapped — spec §4.2).
-Because the ring holds more than `window` positions, attention always goes through a mask built
-from the absolute positions of the slots; the slot -> position map is arithmetic on Python ints,
-so building it costs no host sync.
+means that after a verify block is partly rejected, the entries that the rejected tokens
+overwrote are older than any future query's window: rolling back is just moving the offset back
+(mlx-lm's `RotatingKVCache` cannot be trimmed once it has wrapped — spec §4.2). How many tokens
+that allows is `max_rollback`. Because the ring holds more than `window` positions, attention
+always goes through a mask built from the absolute positions of the slots; the slot -> position
+map is arithmetic on Python ints, so building it costs no host sync.
+
+`RowsCache` and `RowsView` carry a batch of independent sequences (rows) through one forward:
+projections run batched, so the weights are read once, while RoPE, storing and attention go
+row by row, each row at its own position.
 """
+
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
-
-__all__ = ["KVCache", "RowsCache", "SlidingWindowCache", "slot_positions", "window_mask"]
 
 _ALLOC_STEP = 256
 
@@ -36,6 +47,53 @@ def window_mask(query_positions: mx.array, key_positions: mx.array, window: int)
     return (k <= q) & (k > q - window) & (k >= 0)
 
 
+class KVView(NamedTuple):
+    """What one sequence's queries attend to: keys (RoPE applied), values, the mask (None, a
+    boolean array or "causal") and the absolute position of the first query."""
+
+    keys: mx.array
+    values: mx.array
+    mask: mx.array | str | None
+    offset: int
+
+    def attend(self, queries: mx.array, rope) -> mx.array:
+        """Attention with scale 1.0 (Gemma 4 normalises q and k instead, pitfall 2)."""
+        q = rope(queries, offset=self.offset)
+        return mx.fast.scaled_dot_product_attention(
+            q, self.keys, self.values, scale=1.0, mask=self.mask
+        )
+
+
+class RowsView(NamedTuple):
+    """One `KVView` per row of a batch of independent sequences."""
+
+    rows: list[KVView]
+
+    def attend(self, queries: mx.array, rope) -> mx.array:
+        return mx.concatenate([v.attend(queries[b : b + 1], rope) for b, v in enumerate(self.rows)])
+
+
+def uncached_view(keys: mx.array, values: mx.array, rope, window: int | None) -> KVView:
+    """A forward without a cache (training, references): positions from 0, causal, windowed on
+    sliding layers."""
+    L = keys.shape[2]
+    pos = mx.arange(L)
+    mask = window_mask(pos, pos, window or L + 1) if L > 1 else None
+    return KVView(rope(keys, offset=0), values, mask, 0)
+
+
+class FullCache(KVCache):
+    """Every position, growing in steps of 256 (mlx-lm's KVCache)."""
+
+    def store(self, keys: mx.array, values: mx.array, rope) -> KVView:
+        offset = self.offset
+        keys, values = self.update_and_fetch(rope(keys, offset=offset), values)
+        return KVView(keys, values, "causal" if keys.shape[2] - offset > 1 else None, offset)
+
+    def max_rollback(self) -> int:
+        return self.offset
+
+
 class SlidingWindowCache:
     def __init__(self, window: int, slack: int = 64):
         self.window = window
@@ -44,6 +102,7 @@ class SlidingWindowCache:
         self.keys = None
         self.values = None
         self.offset = 0
+        self.written = 0  # the end of the furthest write: rolled-back slots stay overwritten
 
     # -- writing ---------------------------------------------------------------------------
     def _ensure_allocated(self, n: int, like_k: mx.array, like_v: mx.array):
@@ -82,21 +141,23 @@ class SlidingWindowCache:
         v = mx.concatenate([self.values[..., s:, :], self.values[..., :s, :]], axis=2)
         return k, v, self.offset - self.capacity
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Store L new positions; return (keys, values, mask) for the L queries at those positions."""
+    def store(self, keys: mx.array, values: mx.array, rope) -> KVView:
+        """Store L new positions; the view for the L queries at those positions."""
+        start = self.offset
+        keys = rope(keys, offset=start)
         L = keys.shape[2]
-        end = self.offset + L
-        query_pos = mx.arange(self.offset, end)
+        end = start + L
+        query_pos = mx.arange(start, end)
         if L <= self.slack + 1:
             # Everything the new queries can see is in the ring after writing.
             self._ensure_allocated(min(end, self.capacity), keys, values)
             self._write(keys, values)
-            self.offset = end
+            self.offset, self.written = end, max(end, self.written)
             k, v = self.visible()
             if L == 1 and end <= self.window:
-                return k, v, None
+                return KVView(k, v, None, start)
             key_pos = slot_positions(end, k.shape[2], self.capacity)
-            return k, v, window_mask(query_pos, key_pos, self.window)
+            return KVView(k, v, window_mask(query_pos, key_pos, self.window), start)
 
         # A long block (prefill): attend over old + new in temporal order, then keep the tail.
         if self.keys is None:
@@ -106,16 +167,15 @@ class SlidingWindowCache:
         all_k = mx.concatenate([old_k, keys], axis=2)
         all_v = mx.concatenate([old_v, values], axis=2)
         mask = window_mask(query_pos, mx.arange(first, end), self.window)
-        n = all_k.shape[2]
-        if n <= self.capacity:
+        if all_k.shape[2] <= self.capacity:
             self.keys, self.values = all_k, all_v
         else:
             tail_k, tail_v = all_k[..., -self.capacity :, :], all_v[..., -self.capacity :, :]
             split = self.capacity - end % self.capacity
             self.keys = mx.concatenate([tail_k[..., split:, :], tail_k[..., :split, :]], axis=2)
             self.values = mx.concatenate([tail_v[..., split:, :], tail_v[..., :split, :]], axis=2)
-        self.offset = end
-        return all_k, all_v, mask
+        self.offset = self.written = end
+        return KVView(all_k, all_v, mask, start)
 
     # -- reading ---------------------------------------------------------------------------
     def visible(self) -> tuple[mx.array, mx.array]:
@@ -128,34 +188,32 @@ class SlidingWindowCache:
         return slot_positions(self.offset, n, self.capacity)
 
     # -- rollback --------------------------------------------------------------------------
-    def can_trim(self, n: int) -> bool:
-        """Before the ring wraps every position is still stored; after, only `slack` can go."""
-        return self.offset <= self.capacity or n <= self.slack
+    def max_rollback(self) -> int:
+        """How far the offset can move back with every position a later read needs intact.
+        Before the ring wraps, every position is stored. After, writing position p overwrote
+        p - capacity, so positions below `written - capacity` are gone; the furthest back
+        anything reads from offset o is the drafter, o - 1 - window (it sees window + 1 keys,
+        spec §3.4). Hence written - o <= slack - 1."""
+        if self.written <= self.capacity:
+            return self.offset
+        return self.slack - 1 - (self.written - self.offset)
 
     def trim(self, n: int) -> int:
-        if not self.can_trim(n):
+        if n > self.max_rollback():
             raise ValueError(f"cannot roll back {n} tokens with a slack of {self.slack}")
-        n = min(self.offset, n)
         self.offset -= n
         return n
-
-    @property
-    def state(self):
-        return self.keys, self.values
-
-    @state.setter
-    def state(self, v):
-        self.keys, self.values = v
 
 
 class RowsCache:
     """One layer's caches for a batch of independent sequences (rows) run in one forward: each
     row keeps its own cache at its own length, so rows that accepted different numbers of
-    drafts never need padding. Attention reads `rows[b]`; the model reads the offsets."""
+    drafts never need padding."""
 
     def __init__(self, rows: list):
         self.rows = rows
 
-    @property
-    def offset(self) -> list[int]:
-        return [c.offset for c in self.rows]
+    def store(self, keys: mx.array, values: mx.array, rope) -> RowsView:
+        return RowsView(
+            [c.store(keys[b : b + 1], values[b : b + 1], rope) for b, c in enumerate(self.rows)]
+        )

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .cache import KVCache, SlidingWindowCache, window_mask
+from .cache import FullCache, KVView, SlidingWindowCache, uncached_view, window_mask
 from .moe import Experts, Router, sanitize_experts
 
 SLIDING = "sliding_attention"
@@ -161,55 +161,25 @@ class Attention(nn.Module):
         self.rope = make_rope(args, self.layer_type, self.head_dim)
         self.window = args.sliding_window if self.layer_type == SLIDING else None
 
-    def store_and_fetch(self, k: mx.array, v: mx.array, cache) -> tuple:
-        """Store new K/V in the cache; return (keys, values, mask) for the new queries."""
-        L = k.shape[2]
-        if cache is None:
-            pos = mx.arange(L)
-            return k, v, (window_mask(pos, pos, self.window or L + 1) if L > 1 else None)
-        if self.window is not None:
-            return cache.update_and_fetch(k, v)
-        keys, values = cache.update_and_fetch(k, v)
-        return keys, values, ("causal" if L > 1 else None)
-
-    def attend(self, q, k, v, offset: int, cache, shared_kv) -> tuple[mx.array, tuple]:
-        """RoPE at `offset`, the cache, attention (scale 1.0, pitfall 2) for one sequence."""
-        kv = self.store_and_fetch(self.rope(k, offset=offset), v, cache) if self.has_kv else shared_kv
-        keys, values, mask = kv
-        q = self.rope(q, offset=offset)
-        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask), kv
-
-    def __call__(self, x: mx.array, offset, cache=None, shared_kv=None):
-        """Returns the output and the (keys, values, mask) attended to, which KV-shared layers
-        of the same type reuse. With a list of offsets (a `RowsCache`: independent sequences at
-        their own positions) the projections still run batched, so the weights are read once,
-        and only RoPE, the cache and attention go row by row; `kv` is then one tuple per row."""
+    def __call__(self, x: mx.array, cache=None, shared_kv=None):
+        """Returns the output and the view of the K/V attended to, which KV-shared layers of
+        the same type reuse. `cache` is one layer cache, a `RowsCache` (independent sequences,
+        each at its own position) or None (no cache: positions from 0)."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
-        k = v = None
+        view = shared_kv
         if self.has_kv:
             k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
             # k_eq_v: values are the raw key projection, before k_norm and RoPE (pitfall 3).
             v = k if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
             k = self.k_norm(k).transpose(0, 2, 1, 3)
             v = self.v_norm(v).transpose(0, 2, 1, 3)
-        if isinstance(offset, list):
-            outs, kv = [], []
-            for b, row_offset in enumerate(offset):
-                out, row_kv = self.attend(
-                    q[b : b + 1],
-                    None if k is None else k[b : b + 1],
-                    None if v is None else v[b : b + 1],
-                    row_offset,
-                    None if cache is None else cache.rows[b],
-                    None if shared_kv is None else shared_kv[b],
-                )
-                outs.append(out)
-                kv.append(row_kv)
-            out = mx.concatenate(outs)
-        else:
-            out, kv = self.attend(q, k, v, offset, cache, shared_kv)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), kv
+            if cache is None:
+                view = uncached_view(k, v, self.rope, self.window)
+            else:
+                view = cache.store(k, v, self.rope)
+        out = view.attend(q, self.rope)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), view
 
 
 class MLP(nn.Module):
@@ -251,8 +221,8 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = nn.RMSNorm(h, eps=eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, offset, cache=None, shared_kv=None, per_layer_input=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), offset, cache, shared_kv)
+    def __call__(self, x, cache=None, shared_kv=None, per_layer_input=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cache, shared_kv)
         h = x + self.post_attention_layernorm(attn)
         if self.enable_moe:
             # The router reads the residual stream itself, not the pre-FF-normed tensor (pitfall 21).
@@ -299,17 +269,16 @@ class Gemma4TextModel(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """Post-final-norm hidden states [B, L, hidden]; caches of the non-shared layers updated.
-        With `RowsCache`s the B rows are independent sequences, each at its own offset."""
+        With `RowsCache`s the B rows are independent sequences, each at its own position."""
         a = self.args
         h = self.embed(tokens)
         ple = self.per_layer_inputs(tokens, h) if a.hidden_size_per_layer_input else None
-        offset = cache[0].offset if cache else 0
 
-        kv_of_layer: list[tuple | None] = [None] * len(self.layers)
+        views: list = [None] * len(self.layers)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache and i < len(cache) else None
             layer_ple = ple[:, :, i, :] if ple is not None else None
-            h, kv_of_layer[i] = layer(h, offset, layer_cache, kv_of_layer[a.kv_source_of(i)], layer_ple)
+            h, views[i] = layer(h, layer_cache, views[a.kv_source_of(i)], layer_ple)
         return self.norm(h)
 
 
@@ -345,10 +314,11 @@ class Model(nn.Module):
         logits = self.logits(hidden)
         return (logits, hidden) if return_hidden else logits
 
-    def drafter_kv(self, cache: list, window: int) -> dict[str, tuple]:
+    def drafter_kv(self, cache: list, window: int) -> dict[str, KVView]:
         """The K/V the drafter attends to, read in place from the caches of the last sliding and
         the last full layer: every committed position for full attention, the last `window + 1`
-        for sliding attention (transformers' assistant mask, spec §3.4)."""
+        for sliding attention (transformers' assistant mask, spec §3.4). The drafter's query
+        sits at the newest token's position, the cache's offset (spec §3.3)."""
         offset = cache[0].offset
         sliding = cache[self.args.store_layer(SLIDING)]
         keys, values = sliding.visible()
@@ -357,15 +327,18 @@ class Model(nn.Module):
             last = mx.array([offset - 1])
             mask = window_mask(last, sliding.key_positions(), window + 1)
         full_keys, full_values = cache[self.args.store_layer(FULL)].keys_and_values()
-        return {SLIDING: (keys, values, mask), FULL: (full_keys, full_values, None)}
+        return {
+            SLIDING: KVView(keys, values, mask, offset),
+            FULL: KVView(full_keys, full_values, None, offset),
+        }
 
     def make_cache(self, slack: int = 64) -> list:
         """One cache per non-shared layer. `slack` bounds how many tokens can be rolled back
-        on sliding layers once the window has wrapped (a verify block's length)."""
+        on sliding layers once the window has wrapped (`SlidingWindowCache.max_rollback`)."""
         return [
             SlidingWindowCache(self.args.sliding_window, slack)
             if self.args.layer_types[i] == SLIDING
-            else KVCache()
+            else FullCache()
             for i in range(self.args.first_shared_layer)
         ]
 

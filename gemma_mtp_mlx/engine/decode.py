@@ -1,0 +1,252 @@
+"""The decoder: one loop for one answer or many at once (rows), plain or speculative.
+
+`add()` prefills an answer and takes its first token; each `step()` is then one round for every
+answer still running: a speculative round (draft K, verify K + 1 in one target forward shared by
+all rows, accept, commit) or, when K = 0, a step of the pipelined plain loop. Finished answers
+(end of sequence, `max_tokens`) leave; others may join between steps. Every answer gets the
+same treatment whatever runs beside it: the draft length from the policy (or fixed), capped so
+that no round drafts past an answer's end, the baseline measurement, the plain pipeline.
+
+K per round comes from `DraftPolicy` over the costs this machine has shown so far
+(engine/costs.py), learned from these very rounds. Plain steps are the baseline behind the
+speedup meter: when none was measured near the current context, the next few rounds are
+plain steps (BASELINE_STEPS after the one that fills the pipeline), a measurement that costs
+only those rounds' missed drafting.
+"""
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import GemmaChatError
+from .context import DEFAULT_SLACK, Context, max_draft_tokens
+from .costs import RowCosts, measurements_for
+from .plain import PlainSteps
+from .policy import DraftPolicy
+from .sampling import Sampler
+from .speculative import Row, run_round
+from .stats import GenerationStats, RoundStats
+
+# Every duration here is read from this clock (tests put a controlled one in its place).
+clock = time.perf_counter
+
+POLICY_MAX_DRAFT = 6  # the most drafts the policy considers (a fixed K may ask for more)
+BASELINE_STEPS = 3  # steady plain steps per baseline measurement
+BASELINE_DRIFT = 256  # measure again once the context is this many tokens from the last one
+
+
+@dataclass(eq=False)
+class Stream:
+    """One answer being decoded (compared by identity)."""
+
+    row: Row
+    max_tokens: int
+    stop: frozenset[int]  # end-of-sequence ids (empty: run to max_tokens)
+    stats: GenerationStats
+    last_out: float  # when its latest tokens were out
+    emitted: int = 0
+    finish_reason: str | None = None  # "stop" or "length" once finished
+
+
+@dataclass
+class Emitted:
+    """What one round gave one answer."""
+
+    stream: Stream
+    tokens: list[int]
+    round: RoundStats | None  # None: the first token, from the prefill
+    finish_reason: str | None  # set when these tokens end the answer
+
+
+def answer_end(new: list[int], done: int, max_tokens: int, stop: Iterable[int]) -> tuple[int, str | None]:
+    """Where the `new` tokens end an answer that already has `done`: (index of the last token
+    kept, "stop" at an end-of-sequence token or "length" at max_tokens), or (-, None)."""
+    stop_at = next((i for i, t in enumerate(new) if t in stop), None)
+    if stop_at is not None:
+        return stop_at, "stop"
+    if done + len(new) >= max_tokens:
+        return max_tokens - done - 1, "length"
+    return len(new) - 1, None
+
+
+class Decoder:
+    def __init__(self, pair, *, mtp: bool = True, draft_tokens: int | None = None):
+        self.target = pair.target
+        self.drafter = pair.drafter if mtp else None
+        if draft_tokens is not None and not 0 <= draft_tokens <= max_draft_tokens(DEFAULT_SLACK):
+            raise GemmaChatError(
+                f"draft tokens must be between 0 and {max_draft_tokens(DEFAULT_SLACK)}"
+            )
+        self.fixed_k = draft_tokens
+        self.policy = None
+        if self.drafter is not None and draft_tokens is None:
+            self.policy = DraftPolicy(POLICY_MAX_DRAFT)
+        self.measurements = measurements_for(self.target, self.drafter)
+        self.streams: list[Stream] = []
+        self.plain: PlainSteps | None = None
+        self.baseline_left = 0  # plain steps still to run for the baseline measurement
+        self.measuring = False  # this round is one of them
+        self.last_end = 0.0  # when the latest round (or join) ended
+
+    @property
+    def most_drafts(self) -> int:
+        if self.drafter is None:
+            return 0
+        return POLICY_MAX_DRAFT if self.fixed_k is None else self.fixed_k
+
+    # -- answers joining and leaving -----------------------------------------------------------
+    def add(
+        self,
+        prompt: list[int],
+        sampler: Sampler,
+        *,
+        max_tokens: int,
+        stop: Iterable[int] = (),
+        context: Context | None = None,
+    ) -> Emitted:
+        """Prefill a new answer (only what `context` does not hold yet) and take its first
+        token; the answer decodes from the next step on."""
+        ctx = context or Context(self.target)
+        if self.most_drafts > max_draft_tokens(ctx.slack):
+            raise GemmaChatError(f"at most {max_draft_tokens(ctx.slack)} draft tokens with this context")
+        self._close_plain()  # the pipeline restarts with the newcomer in it
+        stats = GenerationStats(context_tokens=len(ctx.tokens))
+        stats.earlier_baseline_seconds = self.measurements.rows(len(self.streams) + 1).plain
+        start = clock()
+        logits, hidden, stats.prompt_tokens = ctx.prefill(prompt)
+        token = sampler.pick(logits[0, 0]).reshape(1, 1)
+        first = token.item()
+        now = clock()
+        stats.prefill_seconds = now - start
+        stream = Stream(Row(ctx, sampler, token, hidden), max_tokens, frozenset(stop), stats, now)
+        kept = self._keep(stream, [first])
+        if stream.finish_reason is None:
+            self.streams.append(stream)
+        self.last_end = now
+        return Emitted(stream, kept, None, stream.finish_reason)
+
+    def remove(self, stream: Stream) -> None:
+        """Stop decoding `stream` now (its reader went away); its cache keeps what it emitted."""
+        if stream in self.streams:
+            if self.plain is not None:
+                self.plain.drop(stream.row)
+            self.streams.remove(stream)
+
+    def close(self) -> None:
+        """Leave every cache holding exactly what was emitted (the plain look-ahead out)."""
+        self._close_plain()
+
+    def _close_plain(self) -> None:
+        if self.plain is not None:
+            self.plain.close()
+            self.plain = None
+
+    # -- rounds ------------------------------------------------------------------------------
+    def step(self) -> list[Emitted]:
+        """One round for every running answer: what each answer got (an answer may get two
+        entries: the plain pipeline's last token, then a speculative round). Answers that
+        finished leave the decoder."""
+        costs = self.measurements.rows(len(self.streams))
+        k = self._draft_length(costs)
+        if k == 0:
+            return self._plain_step(costs)
+        out = []
+        handed_over = self.plain is not None
+        if handed_over:  # the plain pipeline's queued tokens come first: no forward is wasted
+            ids = self.plain.hand_over()
+            self.plain = None
+            out = self._emit([(s, [t]) for s, t in zip(self.streams, ids)], drafted=0, steady=False)
+            if not self.streams:
+                return out
+        streams = list(self.streams)
+        results = run_round([s.row for s in streams], self.drafter, k)
+        end = clock()
+        if not handed_over:  # after a hand-over the round's time lacks the reader's work
+            costs.observe_round(k, results[0].draft_seconds, end - self.last_end)
+        if self.policy is not None:
+            for r in results:
+                self.policy.observe(k, r.accepted)
+        out += self._emit(
+            [(s, r.tokens) for s, r in zip(streams, results)], drafted=k, results=results, end=end
+        )
+        return out
+
+    def _draft_length(self, costs: RowCosts) -> int:
+        if self.drafter is None:
+            return 0
+        due = costs.plain is None or abs(self._context() - costs.plain_context) > BASELINE_DRIFT
+        if due and not self.baseline_left:
+            self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
+        self.measuring = bool(self.baseline_left)
+        if self.measuring:
+            self.baseline_left -= 1
+            return 0
+        # A round emits up to K + 1 tokens, after the token a running plain pipeline hands over.
+        room = max(s.max_tokens - s.emitted for s in self.streams) - 1 - (self.plain is not None)
+        if room <= 0:
+            return 0
+        if self.policy is not None:
+            return self.policy.choose(costs, room)
+        return min(self.fixed_k, room)
+
+    def _plain_step(self, costs: RowCosts) -> list[Emitted]:
+        steady = self.plain is not None  # the first step also builds the forward it queues
+        if self.plain is None:
+            self.plain = PlainSteps([s.row for s in self.streams])
+        ids = self.plain.step()
+        end = clock()
+        if steady:
+            costs.observe_plain(end - self.last_end, self._context())
+        out = self._emit(
+            [(s, [t]) for s, t in zip(self.streams, ids)], drafted=0, steady=steady, end=end, measuring=self.measuring
+        )
+        if self.plain is not None and not self.plain.rows:
+            self.plain = None
+        return out
+
+    def _emit(
+        self, got, *, drafted: int, steady=False, measuring=False, results=None, end=None
+    ) -> list[Emitted]:
+        """Record each stream's round from (stream, tokens) pairs, keep its tokens up to its
+        end, and let finished streams go."""
+        end = clock() if end is None else end
+        costs = self.measurements.rows(len(got))
+        out = []
+        for i, (s, tokens) in enumerate(got):
+            r = results[i] if results else None
+            kept = self._keep(s, tokens)
+            stats = RoundStats(
+                drafted,
+                r.accepted if r else 0,
+                len(kept),
+                r.draft_seconds if r else 0.0,
+                r.verify_seconds if r else 0.0,
+                end - s.last_out,
+                steady,
+                measuring,
+            )
+            s.last_out = end
+            s.stats.add_round(stats)
+            s.stats.earlier_baseline_seconds = costs.plain
+            out.append(Emitted(s, kept, stats, s.finish_reason))
+        self.last_end = end
+        return out
+
+    def _keep(self, s: Stream, tokens: list[int]) -> list[int]:
+        """The tokens of `tokens` that belong to the answer; at its end, what follows the last
+        one kept is rolled back out of the cache (a plain look-ahead included)."""
+        stop_at, finish = answer_end(tokens, s.emitted, s.max_tokens, s.stop)
+        if finish:
+            if self.plain is not None and s.row in self.plain.rows:
+                self.plain.drop(s.row)
+            s.row.ctx.rewind(len(tokens) - 1 - stop_at)
+            tokens = tokens[: stop_at + 1]
+            s.finish_reason = finish
+            if s in self.streams:
+                self.streams.remove(s)
+        s.emitted += len(tokens)
+        s.stats.generated_tokens = s.emitted
+        return tokens
+
+    def _context(self) -> int:
+        return sum(len(s.row.ctx.tokens) for s in self.streams) // max(1, len(self.streams))
