@@ -21,7 +21,7 @@ from rich.markup import escape
 from .chat.session import Session
 from .chat.thinking import ChannelSplitter
 from .chat.view import CONTROL
-from .engine.batch import Answer, answers_as_they_finish
+from .engine.batch import Answer, generate_batch
 from .errors import GemmaChatError
 
 
@@ -79,7 +79,7 @@ def answer_file(
     answers: dict[int, Answer] = {}
     tokens, start = 0, 0
     began = time.perf_counter()
-    finished = answers_as_they_finish(
+    finished = generate_batch(
         session.pair,
         [p.ids for p in runnable],
         batch=batch,

@@ -2,8 +2,13 @@
 
 import pytest
 
-from gemma_mtp_mlx.engine.batch import generate_batch
+from gemma_mtp_mlx.engine import batch
 from tests.conftest import generated_ids
+
+
+def generate_batch(pair, prompts, **options) -> list:
+    """The answers in input order (the engine gives them as they finish)."""
+    return [a for _, a in sorted(batch.generate_batch(pair, prompts, **options), key=lambda x: x[0])]
 
 # Different lengths, so the rows sit at different positions from the first round on.
 PROMPTS = [

@@ -23,15 +23,7 @@ class Answer:
     stats: GenerationStats
 
 
-def generate_batch(pair, prompts: list, **options) -> list[Answer]:
-    """Answers to `prompts`, in order (options as for `answers_as_they_finish`)."""
-    answers: list[Answer | None] = [None] * len(prompts)
-    for i, answer in answers_as_they_finish(pair, prompts, **options):
-        answers[i] = answer
-    return answers
-
-
-def answers_as_they_finish(
+def generate_batch(
     pair,
     prompts: list,
     *,

@@ -23,6 +23,7 @@ projections run batched, so the weights are read once, while RoPE, storing and a
 row by row, each row at its own position.
 """
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -45,6 +46,15 @@ def window_mask(query_positions: mx.array, key_positions: mx.array, window: int)
     q = query_positions[:, None]
     k = key_positions[None, :]
     return (k <= q) & (k > q - window) & (k >= 0)
+
+
+@lru_cache(maxsize=32)
+def ring_mask(start: int, length: int, n_slots: int, capacity: int, window: int) -> mx.array:
+    """The mask of queries at start .. start + length - 1 over the first `n_slots` slots of a
+    ring of `capacity` once those queries are in. Every sliding layer of a forward has the same
+    one, so it is built once per step (a handful of small ops per layer otherwise)."""
+    end = start + length
+    return window_mask(mx.arange(start, end), slot_positions(end, n_slots, capacity), window)
 
 
 class KVView(NamedTuple):
@@ -147,7 +157,6 @@ class SlidingWindowCache:
         keys = rope(keys, offset=start)
         L = keys.shape[2]
         end = start + L
-        query_pos = mx.arange(start, end)
         if L <= self.slack + 1:
             # Everything the new queries can see is in the ring after writing.
             self._ensure_allocated(min(end, self.capacity), keys, values)
@@ -156,8 +165,8 @@ class SlidingWindowCache:
             k, v = self.visible()
             if L == 1 and end <= self.window:
                 return KVView(k, v, None, start)
-            key_pos = slot_positions(end, k.shape[2], self.capacity)
-            return KVView(k, v, window_mask(query_pos, key_pos, self.window), start)
+            mask = ring_mask(start, L, k.shape[2], self.capacity, self.window)
+            return KVView(k, v, mask, start)
 
         # A long block (prefill): attend over old + new in temporal order, then keep the tail.
         if self.keys is None:
@@ -166,7 +175,7 @@ class SlidingWindowCache:
             old_k, old_v, first = self._temporal()
         all_k = mx.concatenate([old_k, keys], axis=2)
         all_v = mx.concatenate([old_v, values], axis=2)
-        mask = window_mask(query_pos, mx.arange(first, end), self.window)
+        mask = window_mask(mx.arange(start, end), mx.arange(first, end), self.window)
         if all_k.shape[2] <= self.capacity:
             self.keys, self.values = all_k, all_v
         else:
