@@ -16,7 +16,7 @@ only those rounds' missed drafting.
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import GemmaChatError
 from .context import DEFAULT_SLACK, Context, max_draft_tokens
@@ -86,6 +86,7 @@ class Decoder:
         self.plain: PlainSteps | None = None
         self.baseline_left = 0  # plain steps still to run for the baseline measurement
         self.measuring = False  # this round is one of them
+        self.plain_measuring = False  # the latest plain step was
         self.last_end = 0.0  # when the latest round (or join) ended
 
     @property
@@ -108,7 +109,8 @@ class Decoder:
         token; the answer decodes from the next step on."""
         ctx = context or Context(self.target)
         if self.most_drafts > max_draft_tokens(ctx.slack):
-            raise GemmaChatError(f"at most {max_draft_tokens(ctx.slack)} draft tokens with this context")
+            most = max_draft_tokens(ctx.slack)
+            raise GemmaChatError(f"at most {most} draft tokens with this context")
         self._close_plain()  # the pipeline restarts with the newcomer in it
         stats = GenerationStats(context_tokens=len(ctx.tokens))
         stats.earlier_baseline_seconds = self.measurements.rows(len(self.streams) + 1).plain
@@ -155,7 +157,8 @@ class Decoder:
         if handed_over:  # the plain pipeline's queued tokens come first: no forward is wasted
             ids = self.plain.hand_over()
             self.plain = None
-            out = self._emit([(s, [t]) for s, t in zip(self.streams, ids)], drafted=0, steady=False)
+            handed = RoundStats(0, measuring=self.plain_measuring)
+            out = self._emit([(s, [t], replace(handed)) for s, t in zip(self.streams, ids)])
             if not self.streams:
                 return out
         streams = list(self.streams)
@@ -166,12 +169,15 @@ class Decoder:
         if self.policy is not None:
             for r in results:
                 self.policy.observe(k, r.accepted)
-        out += self._emit(
-            [(s, r.tokens) for s, r in zip(streams, results)], drafted=k, results=results, end=end
-        )
-        return out
+        rounds = [
+            (s, r.tokens, RoundStats(k, r.accepted, 0, r.draft_seconds, r.verify_seconds))
+            for s, r in zip(streams, results)
+        ]
+        return out + self._emit(rounds, end)
 
     def _draft_length(self, costs: RowCosts) -> int:
+        """K for the next round; 0 is a plain step, also while the baseline is being measured
+        (`self.measuring`)."""
         if self.drafter is None:
             return 0
         due = costs.plain is None or abs(self._context() - costs.plain_context) > BASELINE_DRIFT
@@ -193,39 +199,26 @@ class Decoder:
         steady = self.plain is not None  # the first step also builds the forward it queues
         if self.plain is None:
             self.plain = PlainSteps([s.row for s in self.streams])
+        self.plain_measuring = self.measuring
         ids = self.plain.step()
         end = clock()
         if steady:
             costs.observe_plain(end - self.last_end, self._context())
-        out = self._emit(
-            [(s, [t]) for s, t in zip(self.streams, ids)], drafted=0, steady=steady, end=end, measuring=self.measuring
-        )
+        step = RoundStats(0, plain_steady=steady, measuring=self.measuring)
+        out = self._emit([(s, [t], replace(step)) for s, t in zip(self.streams, ids)], end)
         if self.plain is not None and not self.plain.rows:
             self.plain = None
         return out
 
-    def _emit(
-        self, got, *, drafted: int, steady=False, measuring=False, results=None, end=None
-    ) -> list[Emitted]:
-        """Record each stream's round from (stream, tokens) pairs, keep its tokens up to its
-        end, and let finished streams go."""
+    def _emit(self, rounds: list[tuple[Stream, list[int], RoundStats]], end=None) -> list[Emitted]:
+        """Keep each stream's tokens up to its end, time and record its round, and let
+        finished streams go."""
         end = clock() if end is None else end
-        costs = self.measurements.rows(len(got))
+        costs = self.measurements.rows(len(rounds))
         out = []
-        for i, (s, tokens) in enumerate(got):
-            r = results[i] if results else None
+        for s, tokens, stats in rounds:
             kept = self._keep(s, tokens)
-            stats = RoundStats(
-                drafted,
-                r.accepted if r else 0,
-                len(kept),
-                r.draft_seconds if r else 0.0,
-                r.verify_seconds if r else 0.0,
-                end - s.last_out,
-                steady,
-                measuring,
-            )
-            s.last_out = end
+            stats.emitted, stats.seconds, s.last_out = len(kept), end - s.last_out, end
             s.stats.add_round(stats)
             s.stats.earlier_baseline_seconds = costs.plain
             out.append(Emitted(s, kept, stats, s.finish_reason))

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 @dataclass
 class RoundStats:
     drafted: int
-    accepted: int
-    emitted: int
-    draft_seconds: float
-    verify_seconds: float
-    seconds: float  # wall time since the answer's previous tokens were out
+    accepted: int = 0
+    emitted: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    seconds: float = 0.0  # wall time since the answer's previous tokens were out
     plain_steady: bool = False  # a steady-state pipelined plain step: a baseline sample
     measuring: bool = False  # plain only to measure the baseline (not the policy parking)
 
