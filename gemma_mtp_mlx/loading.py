@@ -154,7 +154,7 @@ def estimate(p: Plan, *, quantize: int | None = None) -> memory.Estimate | None:
     target = _lazy_target(p, quantize)
     if target is None:
         return None
-    return memory.estimate(target, _lazy_drafter(p))
+    return memory.estimate(target, _lazy_drafter(p, target))
 
 
 def preflight(p: Plan, limit: memory.Limit | None, *, quantize: int | None = None) -> None:
@@ -189,11 +189,11 @@ def _lazy_target(p: Plan, quantize: int | None) -> Model | None:
     return model_from_config(config, quantize=quantize) if config else None
 
 
-def _lazy_drafter(p: Plan) -> Assistant | None:
+def _lazy_drafter(p: Plan, target: Model) -> Assistant | None:
     if p.drafter is None:
         return None
     if p.drafter.path is not None:
-        return build_drafter(p.drafter.path)
+        return build_drafter(p.drafter.path, target)
     if p.row is not None:
         from .models.configs import ASSISTANTS
 
@@ -357,8 +357,8 @@ def _assign_weights(model: nn.Module, weights: dict, config: dict, path: Path, q
 
 
 def _short(error: ValueError) -> str:
-    """mlx lists every missing parameter; a few name the problem."""
-    text = str(error)
+    """mlx lists every missing parameter, one a line; one line with a few names says enough."""
+    text = " ".join(str(error).split())
     head, _, names = text.partition(": ")
     listed = [n.strip(" ,.") for n in names.split(",")] if names else []
     if len(listed) <= 3:
@@ -427,22 +427,24 @@ def load_target(path: Path, *, quantize: int | None = None) -> Model:
     return model
 
 
-def build_drafter(path: Path) -> Assistant:
+def build_drafter(path: Path, target: Model) -> Assistant:
+    """The drafter in `path`, checked against `target`, weights assigned but not read."""
     config = read_config(path)
     if config.get("model_type") not in ASSISTANT_TYPES:
         raise GemmaChatError(
             f"{path} is a '{config.get('model_type')}' model, not a Gemma 4 MTP assistant"
         )
-    drafter = Assistant(AssistantArgs.from_config(config))
+    args = AssistantArgs.from_config(config)
+    problems = pairing_problems(target.args, args)
+    if problems:
+        raise GemmaChatError(f"drafter {path.name} does not fit the target: {'; '.join(problems)}")
+    drafter = Assistant(args)
     _assign_weights(drafter, drafter.sanitize(read_weights(path)), config, path, None)
     return drafter
 
 
 def load_drafter(path: Path, target: Model) -> Assistant:
-    drafter = build_drafter(path)
-    problems = pairing_problems(target.args, drafter.args)
-    if problems:
-        raise GemmaChatError(f"drafter {path.name} does not fit the target: {'; '.join(problems)}")
+    drafter = build_drafter(path, target)
     mx.eval(drafter.parameters())
     return drafter
 

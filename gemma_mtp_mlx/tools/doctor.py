@@ -12,7 +12,6 @@ the default memory limit (75 % of memory; on a Mac also Metal's recommended work
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from rich.text import Text
 
 from .. import __version__, blas, hub
 from ..aliases import checkpoints
-from ..memory import default_limit, format_bytes
+from ..memory import default_limit, format_bytes, physical_memory
 
 UNKNOWN = "unknown"
 
@@ -101,16 +100,7 @@ def os_description() -> str:
 
 
 def total_memory_bytes() -> int | None:
-    if _is_macos():
-        return int(_sysctl("hw.memsize"))
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        meminfo = Path("/proc/meminfo")
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return None
+    return physical_memory()
 
 
 def wired_limit() -> str:
