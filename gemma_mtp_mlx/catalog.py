@@ -60,9 +60,13 @@ class Row:
 
 
 def estimate_of(cp: Checkpoint) -> memory.Estimate | None:
+    from .errors import GemmaChatError
     from .loading import estimate, plan
 
-    return estimate(plan(cp.alias, "auto", precision=cp.precision))
+    try:
+        return estimate(plan(cp.alias, "auto", precision=cp.precision))
+    except GemmaChatError:  # a broken cached checkpoint: its row says "unknown"
+        return None
 
 
 def fits(found: memory.Estimate | None, limit: memory.Limit | None) -> bool | None:

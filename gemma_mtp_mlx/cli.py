@@ -22,7 +22,7 @@ from .aliases import ALIASES, check_precision
 from .bench import command as bench_command
 from .chat.session import _SLACK, Session, Settings, Turn
 from .chat.view import AnswerView
-from .errors import GemmaChatError
+from .errors import DownloadInterrupted, GemmaChatError
 from .prompt_file import answer_file, read_prompts
 
 # A round verifies K drafts + 1 token and must stay within the sliding caches' rollback slack.
@@ -127,6 +127,11 @@ def main_command(
         _fail(err, str(e), debug)
     except KeyboardInterrupt as e:
         err.print(str(e) or "interrupted")
+        if isinstance(e, DownloadInterrupted):
+            # huggingface_hub's download threads would finish their files before the
+            # interpreter could exit; what they wrote stays in the cache for the next run.
+            sys.stderr.flush()
+            os._exit(130)
         raise typer.Exit(130) from None
     except BrokenPipeError:
         _quiet_broken_pipe()

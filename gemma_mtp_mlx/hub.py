@@ -8,7 +8,7 @@ HF_HUB_OFFLINE after start-up (tests, embedding applications) is honoured.
 
 import os
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import GemmaChatError
@@ -96,9 +96,10 @@ class DownloadSize:
         from huggingface_hub import snapshot_download
 
         try:
-            files = snapshot_download(
-                repo, allow_patterns=TEXT_MODEL_FILES, cache_dir=cache_dir(), dry_run=True
-            )
+            with _hub_bars_off():
+                files = snapshot_download(
+                    repo, allow_patterns=TEXT_MODEL_FILES, cache_dir=cache_dir(), dry_run=True
+                )
         except Exception:  # unreachable hub, gated or missing repo: the size is just unknown
             return None
         total = sum(f.file_size or 0 for f in files)
@@ -107,27 +108,34 @@ class DownloadSize:
 
 
 def download(repo: str, *, console=None, expected: int | None = None) -> Path:
-    """The repo's text model in the cache, downloading what is missing. An interrupted download
-    resumes where it stopped. With a terminal `console`, a Rich bar of the bytes arriving
-    (`expected`: how many, when the hub said)."""
+    """The repo's text model in the cache, downloading what is missing (after an interrupted
+    download: the files that did not complete). With a terminal `console`, a Rich bar of the
+    bytes arriving (`expected`: how many, when the hub said)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
-    from huggingface_hub.utils import silent_tqdm
 
     bar = _DownloadBar(console, repo, expected) if console is not None and console.is_terminal else None
+    blobs = _blobs(repo)
+    partial_before = set(blobs.glob("*.incomplete"))
     try:
-        with bar or nullcontext():
-            folder = snapshot_download(
+        with bar or nullcontext(), _hub_bars_off():
+            folder = _interruptible(lambda: snapshot_download(
                 repo,
                 allow_patterns=TEXT_MODEL_FILES,
                 cache_dir=cache_dir(),
                 local_files_only=offline(),
-                tqdm_class=silent_tqdm,
-            )
+            ))
+    except KeyboardInterrupt:
+        # Files already complete stay in the cache. huggingface_hub writes each file to a
+        # temporary name of its own and cannot reuse it later; its threads are abandoned (the
+        # caller exits), so remove those partial files here.
+        for partial in set(blobs.glob("*.incomplete")) - partial_before:
+            partial.unlink(missing_ok=True)
+        raise
     except GatedRepoError:
         raise GemmaChatError(
             f"{repo} is gated: accept its licence on huggingface.co and run `hf auth login`"
@@ -142,6 +150,63 @@ def download(repo: str, *, console=None, expected: int | None = None) -> Path:
     if not weights_complete(folder):
         raise GemmaChatError(f"{repo} is only partly in the local cache and {_why_unreachable()}")
     return folder
+
+
+_bars_lock = threading.Lock()
+_bars_users = 0
+
+
+@contextmanager
+def _hub_bars_off():
+    """huggingface_hub's own tqdm bars off (ours is the Rich bar; a pipe gets one line). Its
+    switch is global: concurrent users (sizes asked in parallel) share one off period."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    global _bars_users, _bars_were_off
+    with _bars_lock:
+        if _bars_users == 0:
+            _bars_were_off = are_progress_bars_disabled()
+            disable_progress_bars()
+        _bars_users += 1
+    try:
+        yield
+    finally:
+        with _bars_lock:
+            _bars_users -= 1
+            if _bars_users == 0 and not _bars_were_off:
+                enable_progress_bars()
+
+
+_bars_were_off = False
+
+
+def _interruptible(fn):
+    """`fn()` in a daemon thread, waited for here, so that Ctrl-C stops the wait at once:
+    snapshot_download's own worker threads finish their files before it lets an interrupt
+    through, minutes for a large model. The caller exits the process without waiting for them."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # handed to the waiting thread, raised there
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _blobs(repo: str) -> Path:
+    return cache_dir() / ("models--" + repo.replace("/", "--")) / "blobs"
 
 
 def _why_unreachable() -> str:
@@ -162,7 +227,7 @@ class _DownloadBar:
             TransferSpeedColumn,
         )
 
-        self.blobs = cache_dir() / ("models--" + repo.replace("/", "--")) / "blobs"
+        self.blobs = _blobs(repo)
         self.start = self._bytes()
         self.progress = Progress(
             TextColumn(f"{repo}"),

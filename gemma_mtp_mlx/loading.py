@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from . import hub, memory
 from .aliases import ALIASES, DEFAULT_PRECISION, DEMO, DEMO_PATH, Checkpoint, checkpoint
-from .errors import GemmaChatError
+from .errors import DownloadInterrupted, GemmaChatError
 from .models.assistant import Assistant, AssistantArgs, pairing_problems
 from .models.gemma4 import Model, ModelArgs, canonical_key
 from .models.moe import fused_module_path
@@ -154,7 +154,11 @@ def estimate(p: Plan, *, quantize: int | None = None) -> memory.Estimate | None:
     target = _lazy_target(p, quantize)
     if target is None:
         return None
-    return memory.estimate(target, _lazy_drafter(p, target))
+    try:
+        drafter = _lazy_drafter(p, target)
+    except GemmaChatError:
+        drafter = None  # one that does not pair is refused at load, with the reason
+    return memory.estimate(target, drafter)
 
 
 def preflight(p: Plan, limit: memory.Limit | None, *, quantize: int | None = None) -> None:
@@ -216,10 +220,6 @@ def _hub_config(repo: str) -> dict | None:
 
 
 # -- sources -> folders ----------------------------------------------------------------------------
-class DownloadInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a download: the cache keeps what arrived, the next run resumes."""
-
-
 def fetch(p: Plan, *, console=None) -> tuple[Path, Path | None, str | None]:
     """(target folder, drafter folder or None, why an automatic drafter is missing)."""
     missing = [s for s in (p.target, p.drafter) if s is not None and s.path is None]
@@ -252,7 +252,8 @@ def _download(repo: str, console) -> Path:
         return hub.download(repo, console=console, expected=size.missing if size else None)
     except KeyboardInterrupt:
         raise DownloadInterrupted(
-            f"interrupted: the download of {repo} stopped; the same command resumes it"
+            f"interrupted: the download of {repo} stopped; the files it completed stay in the "
+            "cache and the same command fetches the rest"
         ) from None
 
 
