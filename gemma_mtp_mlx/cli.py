@@ -165,6 +165,7 @@ def check_load_options(
 ):
     """Everything about the model options that can be checked before a byte is read: the
     memory limit they set (None when this machine's memory is unknown)."""
+    from .loading import is_alias
     from .memory import default_limit, parse_size
 
     if quantize is not None and quantize not in (4, 8):
@@ -181,12 +182,6 @@ def check_load_options(
                 f"{model} loads as stored (--quantize 4|8 quantises it at load)"
             )
     return parse_size(max_memory) if max_memory is not None else default_limit()
-
-
-def is_alias(model: str) -> bool:
-    from .loading import is_alias as loading_is_alias
-
-    return loading_is_alias(model)
 
 
 def _load(err: Console, model: str | None, drafter: str | None, precision: str | None,

@@ -104,24 +104,24 @@ def published(tmp_path_factory) -> dict[str, Path]:
     """Tiny E4B- and E2B-shaped pairs as the hub has them: Google's multimodal original
     ("e4b-original") and mlx-vlm conversions ("e4b-plain", "e4b-4bit", "e4b-8bit",
     "e4b-mixed_4_8", "e2b-4bit"; assistants "e4b-assistant", "e2b-assistant" in bf16)."""
-    from fixtures import mlx_vlm_checkpoints as published
+    from fixtures import mlx_vlm_checkpoints as mlx_vlm
 
     root = tmp_path_factory.mktemp("published")
     out, jobs = {}, []
     for shape, variants in (("e4b", ("plain", "4bit", "8bit", "mixed_4_8")), ("e2b", ("4bit",))):
         text = tiny.make_target(root / f"{shape}-text", shape)
-        out[f"{shape}-original"] = published.make_multimodal_target(root / f"{shape}-original", text)
+        out[f"{shape}-original"] = mlx_vlm.make_multimodal_target(root / f"{shape}-original", text)
         assistant = tiny.make_assistant(
             root / f"{shape}-assistant-hf", text, centroids=True, hub_style_config=True
         )
-        published.add_tokenizer(assistant, text)
+        mlx_vlm.add_tokenizer(assistant, text)
         for variant in variants:
             out[f"{shape}-{variant}"] = root / f"{shape}-{variant}"
             jobs.append((out[f"{shape}-original"], out[f"{shape}-{variant}"],
-                         published.CONVERSIONS[variant]))
+                         mlx_vlm.CONVERSIONS[variant]))
         out[f"{shape}-assistant"] = root / f"{shape}-assistant"
-        jobs.append((assistant, out[f"{shape}-assistant"], published.CONVERSIONS["assistant"]))
-    published.convert(jobs)
+        jobs.append((assistant, out[f"{shape}-assistant"], mlx_vlm.CONVERSIONS["assistant"]))
+    mlx_vlm.convert(jobs)
     return out
 
 
