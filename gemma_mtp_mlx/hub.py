@@ -232,7 +232,7 @@ class _DownloadBar:
         self.progress = Progress(
             TextColumn(f"{repo}"),
             BarColumn(),
-            DownloadColumn(),
+            DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=console,

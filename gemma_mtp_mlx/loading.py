@@ -263,6 +263,11 @@ def load_plan(
     """Check memory, download what is missing, check memory again on the real files, load."""
     if quantize not in (None, 4, 8):
         raise GemmaChatError("quantize must be 4 or 8 bits")
+    if quantize and p.row and _BITS[p.row.precision]:
+        raise GemmaChatError(
+            f"{p.row.alias} at {p.row.precision} is already quantised: drop --quantize, or "
+            f"quantise the originals with --precision bf16 --quantize {quantize}"
+        )
     preflight(p, limit, quantize=quantize)
     target_path, drafter_path, note = fetch(p, console=console)
     resolved = Plan(p.model, Source(p.target.repo, target_path),

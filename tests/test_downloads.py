@@ -5,6 +5,7 @@ weights."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -124,3 +125,17 @@ def test_a_refused_preflight_fetches_no_weights(repos, tmp_path):
         assert line.startswith("error: someone/gemma-4-e4b-it-4bit needs about ")
         fetched = {path.rsplit("/", 1)[-1] for method, path, _ in hub.requests if "/resolve/" in path}
         assert fetched == {"config.json"}
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="util-linux `script` (a pty) is missing")
+def test_a_terminal_sees_a_rich_progress_bar(repos, tmp_path):
+    """Under a pseudo-terminal (util-linux `script`), the download draws Rich's bar."""
+    with FakeHub(repos, slow={"model.safetensors": 65536}) as hub:
+        env = env_for(hub, tmp_path) | {"COLUMNS": "120"}
+        code = "from gemma_mtp_mlx.launch import main; main()"
+        command = f"{sys.executable} -c '{code}' -m e4b --prompt Hello -n 2"
+        done = subprocess.run(["script", "-qec", command, "/dev/null"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:]
+        screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", done.stdout)
+        assert re.search(rf"{TARGET} ━+ [\d.]+/[\d.]+ KiB", screen), screen[:2000]

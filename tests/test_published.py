@@ -227,3 +227,20 @@ def test_the_estimate_is_what_the_loader_holds(published):
         pair = load(folder, str(published["e4b-assistant"]))
         assert found.target == memory.parameter_bytes(pair.target)
         assert found.drafter == memory.parameter_bytes(pair.drafter)
+
+
+def test_quantize_on_a_quantised_alias_is_refused_before_downloading(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "GEMMA_CHAT_STATE_DIR": str(tmp_path),
+           "HF_HUB_OFFLINE": "0"}
+    r = gemma("-m", "e4b", "--quantize", "8", "--prompt", "Hello", env=env)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (
+        "error: e4b at 4bit is already quantised: drop --quantize, or quantise the originals "
+        "with --precision bf16 --quantize 8"
+    )
+    assert not (tmp_path / "hub").exists()
+
+
+def test_quantize_at_load_on_the_bf16_originals(offline):
+    pair = load("e4b", precision="bf16", quantize=4)
+    assert pair.target.model.layers[0].self_attn.q_proj.bits == 4
