@@ -77,7 +77,7 @@ def fits(found: memory.Estimate | None, limit: memory.Limit | None) -> bool | No
 
 def download_bytes(repo: str) -> int | None:
     """The hub's file metadata when online; the cache when offline; None otherwise."""
-    size = hub.DownloadSize.of(repo)
+    size = hub.download_size(repo)
     if size is not None:
         return size.total
     folder = hub.cached_snapshot(repo)

@@ -6,10 +6,12 @@ huggingface_hub's constants (frozen at its import), so a process that sets HF_HO
 HF_HUB_OFFLINE after start-up (tests, embedding applications) is honoured.
 """
 
+import json
 import os
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import GemmaChatError
 
@@ -61,8 +63,6 @@ def cached_snapshot(repo: str) -> Path | None:
 
 
 def weights_complete(folder: Path) -> bool:
-    import json
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -82,29 +82,28 @@ def local_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in chosen)
 
 
-class DownloadSize:
-    """What a repo's text model weighs (`total`) and how much of it is not cached yet
-    (`missing`), from the hub's file metadata; None when the hub cannot be asked."""
+class DownloadSize(NamedTuple):
+    total: int  # the text model's files
+    missing: int  # those not in the cache yet
 
-    def __init__(self, total: int, missing: int):
-        self.total, self.missing = total, missing
 
-    @classmethod
-    def of(cls, repo: str) -> "DownloadSize | None":
-        if offline():
-            return None
-        from huggingface_hub import snapshot_download
+def download_size(repo: str) -> DownloadSize | None:
+    """From the hub's file metadata; None when the hub cannot be asked (offline, unreachable,
+    gated, missing)."""
+    if offline():
+        return None
+    from huggingface_hub import snapshot_download
 
-        try:
-            with _hub_bars_off():
-                files = snapshot_download(
-                    repo, allow_patterns=TEXT_MODEL_FILES, cache_dir=cache_dir(), dry_run=True
-                )
-        except Exception:  # unreachable hub, gated or missing repo: the size is just unknown
-            return None
-        total = sum(f.file_size or 0 for f in files)
-        missing = sum(f.file_size or 0 for f in files if f.will_download)
-        return cls(total, missing)
+    try:
+        with _hub_bars_off():
+            files = snapshot_download(
+                repo, allow_patterns=TEXT_MODEL_FILES, cache_dir=cache_dir(), dry_run=True
+            )
+    except Exception:  # whatever the hub says, the size is just unknown
+        return None
+    total = sum(f.file_size or 0 for f in files)
+    missing = sum(f.file_size or 0 for f in files if f.will_download)
+    return DownloadSize(total, missing)
 
 
 def download(repo: str, *, console=None, expected: int | None = None) -> Path:

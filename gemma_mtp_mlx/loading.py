@@ -190,7 +190,9 @@ def _lazy_target(p: Plan, quantize: int | None) -> Model | None:
             config["quantization"] = {"group_size": 64, "bits": bits}
         return model_from_config(config, quantize=quantize)
     config = _hub_config(p.target.repo)
-    return model_from_config(config, quantize=quantize) if config else None
+    if config is None:
+        return None
+    return model_from_config(config, quantize=quantize, name=f"{p.target.repo}/config.json")
 
 
 def _lazy_drafter(p: Plan, target: Model) -> Assistant | None:
@@ -239,7 +241,7 @@ def fetch(p: Plan, *, console=None) -> tuple[Path, Path | None, str | None]:
 
 
 def _announce(sources: list[Source], console) -> None:
-    sizes = [hub.DownloadSize.of(s.repo) for s in sources]
+    sizes = [hub.download_size(s.repo) for s in sources]
     known = [s.missing for s in sizes if s is not None]
     size = memory.format_bytes(sum(known)) if len(known) == len(sizes) else "size unknown"
     names = " and ".join(s.repo for s in sources)
@@ -247,7 +249,7 @@ def _announce(sources: list[Source], console) -> None:
 
 
 def _download(repo: str, console) -> Path:
-    size = hub.DownloadSize.of(repo) if console is not None and console.is_terminal else None
+    size = hub.download_size(repo) if console is not None and console.is_terminal else None
     try:
         return hub.download(repo, console=console, expected=size.missing if size else None)
     except KeyboardInterrupt:
@@ -391,10 +393,10 @@ def _target_args(config: dict, file: Path | str) -> ModelArgs:
         raise GemmaChatError(f"{file}: {e}") from None
 
 
-def model_from_config(config: dict, *, quantize: int | None = None) -> Model:
+def model_from_config(config: dict, *, quantize: int | None = None, name: str = "config") -> Model:
     """A lazily built target as a checkpoint with `config` would load (bf16 unless the config
     says otherwise), for counting bytes before the files are here."""
-    model = Model(_target_args(config, "config"))
+    model = Model(_target_args(config, name))
     model.set_dtype(_config_dtype(config))
     quant = _quantization(config)
     if quant:
