@@ -119,8 +119,11 @@ def choose_default(limit: memory.Limit | None) -> tuple[Checkpoint, str]:
             passed_over.append(f"{cp.alias} needs about {memory.format_bytes(found.total)}")
             continue
         size = f"about {memory.format_bytes(found.total)}" if found else "an unknown amount"
-        room = f"the {memory.format_bytes(limit.bytes)} limit ({limit.why})" if limit else "memory"
-        why = f"{'; '.join(passed_over)}, over {room}" if passed_over else f"it fits in {room}"
+        if limit is None:
+            why = "this machine's memory is unknown"
+        else:
+            room = f"the {memory.format_bytes(limit.bytes)} limit ({limit.why})"
+            why = f"{'; '.join(passed_over)}, over {room}" if passed_over else f"it fits in {room}"
         return cp, (
             f"using {cp.alias} at {cp.precision} ({cp.target}, {size} with its drafter at full "
             f"context): {why}; --model and --precision choose another"
