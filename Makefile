@@ -15,8 +15,9 @@ test:
 	$(PY) -m pytest
 
 demo:
-	# The Shakespeare demo pair shipped in the package: runs offline, on any machine.
-	$(PRELOAD) .venv/bin/gemma-chat --model demo
+	# The Shakespeare demo pair shipped in the package: runs offline, on any machine (gemma-chat
+	# preloads OpenBLAS on Linux by itself).
+	.venv/bin/gemma-chat --model demo
 
 bench:
 	$(PRELOAD) $(PY) scripts/bench.py

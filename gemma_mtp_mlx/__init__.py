@@ -6,14 +6,14 @@ __all__ = ["Pair", "__version__", "generate", "load"]
 
 
 def __getattr__(name: str):
-    # The engine and the loader import MLX and mlx-lm, seconds of start-up that
-    # `gemma-chat --version` and `--help` should not pay: they load on first use.
+    # Imported on first use, so that `gemma-chat` can pick the BLAS before MLX is loaded and
+    # `import gemma_mtp_mlx.<light module>` stays light.
     if name == "generate":
         from .engine.generate import generate
 
         return generate
-    if name in ("load", "Pair"):
+    if name in ("Pair", "load"):
         from . import loading
 
         return getattr(loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module 'gemma_mtp_mlx' has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """The `gemma-chat` command: one-shot answers (`--prompt`, or `--prompt-file` with `--batch`),
-scripted and interactive chat, and the `doctor`, `bench` and `train-drafter` subcommands.
+scripted and interactive chat, and the `models`, `doctor`, `bench` and `train-drafter`
+subcommands.
 
 Answers go to stdout; progress, warnings and statistics to stderr. Failures print one line
 and exit 1 (typer's usage errors exit 2); `--debug` shows the traceback instead.
@@ -19,9 +20,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .aliases import DEFAULT_MODEL
+from .aliases import ALIASES, check_precision
 from .bench import command as bench_command
-from .errors import GemmaChatError
+from .engine.rollback import max_draft_tokens
+from .errors import DownloadInterrupted, GemmaChatError
 
 if TYPE_CHECKING:  # the chat and the engine load only when a command needs them
     from .chat.session import Session, Turn
@@ -52,7 +54,9 @@ def main_command(
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this and exit ('-' reads stdin).")] = None,
     prompt_file: Annotated[str | None, typer.Option("--prompt-file", help="Answer each line of this file ('-': stdin) on its own, one answer per line.")] = None,
     batch: Annotated[int | None, typer.Option("--batch", "-b", min=1, help="With --prompt-file: prompts answered at once (default 1).")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Alias (e2b, e4b, 26b, 31b, demo), hub repo id or folder.")] = DEFAULT_MODEL,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Alias (e2b, e4b, 26b, 31b, demo), hub repo id or folder. Default: e4b, or e2b where e4b does not fit.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="An alias's published weights: 4bit (default), 8bit or bf16.")] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help="Refuse models that need more (12G, 800M, 60%). Default: 75% of memory.")] = None,
     drafter: Annotated[str, typer.Option(help="MTP drafter: 'auto', a hub repo id or a folder.")] = "auto",
     no_mtp: Annotated[bool, typer.Option("--no-mtp", help="Plain decoding with the target alone.")] = False,
     draft_tokens: Annotated[int | None, typer.Option("--draft-tokens", "-k", min=0, help="Drafts per round.")] = None,
@@ -104,10 +108,12 @@ def main_command(
             text = sys.stdin.read() if prompt == "-" else prompt
             if not text.strip():
                 raise GemmaChatError("the prompt is empty")
+        limit = check_load_options(model, precision, quantize, max_memory, draft_tokens)
         texts = read_prompts(prompt_file) if prompt_file is not None else None
-        pair = _load(err, model, None if no_mtp else drafter, quantize)
+        model, pair = _load(err, model, None if no_mtp else drafter, precision, quantize, limit)
         if pair.drafter is None and not no_mtp:
-            err.print(f"warning: no MTP drafter found for {model}: plain decoding", style="yellow")
+            why = f" ({pair.drafter_note})" if pair.drafter_note else ""
+            err.print(f"warning: no MTP drafter for {model}{why}: plain decoding", style="yellow")
         session = Session(pair, settings, system=system, model_name=model)
         if texts is not None:
             if not answer_file(session, texts, batch=batch or 1, raw=raw, as_json=as_json, err=err):
@@ -122,8 +128,13 @@ def main_command(
             raise typer.Exit(1)
     except GemmaChatError as e:
         _fail(err, str(e), debug)
-    except KeyboardInterrupt:
-        err.print("interrupted")
+    except KeyboardInterrupt as e:
+        err.print(str(e) or "interrupted")
+        if isinstance(e, DownloadInterrupted):
+            # huggingface_hub's download threads would finish their files before the
+            # interpreter could exit; what they wrote stays in the cache for the next run.
+            sys.stderr.flush()
+            os._exit(130)
         raise typer.Exit(130) from None
     except BrokenPipeError:
         _quiet_broken_pipe()
@@ -151,11 +162,69 @@ def _quiet_broken_pipe():
     raise typer.Exit(0)
 
 
-def _load(err: Console, model: str, drafter: str | None, quantize: int | None):
-    from .loading import load
+def check_load_options(
+    model: str | None, precision: str | None, quantize: int | None, max_memory: str | None,
+    draft_tokens: int | None,
+):
+    """Everything about the model options that can be checked before a byte is read: the
+    memory limit they set (None when this machine's memory is unknown)."""
+    from .loading import is_alias
+    from .memory import default_limit, parse_size
 
-    with err.status(f"loading {model}…", spinner="dots") if err.is_terminal else nullcontext():
-        return load(model, drafter, quantize=quantize)
+    if quantize is not None and quantize not in (4, 8):
+        raise GemmaChatError(f"--quantize takes 4 or 8 (bits), not {quantize}")
+    if draft_tokens is not None and draft_tokens > max_draft_tokens():
+        raise GemmaChatError(
+            f"--draft-tokens {draft_tokens}: at most {max_draft_tokens()} (the sliding caches' rollback room)"
+        )
+    if precision is not None:
+        check_precision(precision)
+        if model is not None and not is_alias(model):
+            raise GemmaChatError(
+                f"--precision picks among the published weights of an alias ({', '.join(ALIASES)}); "
+                f"{model} loads as stored (--quantize 4|8 quantises it at load)"
+            )
+    return parse_size(max_memory) if max_memory is not None else default_limit()
+
+
+def _load(err: Console, model: str | None, drafter: str | None, precision: str | None,
+          quantize: int | None, limit):
+    """(the model's name, the loaded pair). Without --model: the default that fits, said in
+    one line the first time (while it is not in the cache yet)."""
+    from . import hub
+    from .catalog import choose_default
+    from .loading import load_plan, plan
+
+    if model is None:
+        chosen, why = choose_default(limit)
+        model, precision = chosen.alias, chosen.precision
+        if hub.cached_snapshot(chosen.target) is None:
+            err.print(why)
+    _blas_hint_once(err)
+    p = plan(model, drafter, precision=precision)
+    with err.status(f"loading {model}…", spinner="dots") if err.is_terminal and all(
+        s is None or s.path is not None for s in (p.target, p.drafter)
+    ) else nullcontext():
+        return model, load_plan(p, quantize=quantize, limit=limit, console=err)
+
+
+def _blas_hint_once(err: Console) -> None:
+    """On Linux without OpenBLAS: how to get it, once per user (a marker in the state folder)."""
+    from .blas import HINT, needs_hint
+
+    if not needs_hint():
+        return
+    from .chat.repl import state_dir
+
+    marker = state_dir() / "openblas-hint-shown"
+    if marker.exists():
+        return
+    err.print(f"note: {HINT}", style="yellow")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass  # a read-only home: the note comes again next time, nothing worse
 
 
 def one_shot(session: Session, text: str, *, raw: bool, as_json: bool, err: Console) -> None:
@@ -244,10 +313,26 @@ def summary_line(turn: Turn) -> str:
 
 @app.command()
 def doctor():
-    """Check this machine: MLX, memory, disk, cached models, and which models fit."""
-    from .doctor import run
+    """Check this machine: MLX, BLAS, memory, disk, cached models, and which models fit."""
+    from .tools.doctor import run
 
     raise typer.Exit(run(Console(no_color="NO_COLOR" in os.environ)))
+
+
+@app.command("models")
+def models_command(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row.")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help="The limit 'fits' is judged against (default: 75% of memory).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+):
+    """Every alias and precision: repos, download size, cached, memory needed, fits here."""
+    from .tools.models import show
+
+    err = stderr_console()
+    try:
+        show(stdout_console(), max_memory=max_memory, as_json=as_json)
+    except GemmaChatError as e:
+        _fail(err, str(e), debug)
 
 
 app.command("bench")(bench_command)

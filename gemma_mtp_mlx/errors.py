@@ -3,3 +3,8 @@
 
 class GemmaChatError(Exception):
     pass
+
+
+class DownloadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a download: the cache keeps the files that completed, the next run
+    fetches the rest."""

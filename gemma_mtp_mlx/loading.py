@@ -1,29 +1,32 @@
-"""Names -> checkpoints: aliases, hub downloads, config, weights, quantisation, pairing checks.
+"""Names -> checkpoints -> models: aliases x precision, the hub cache and downloads, the memory
+preflight, config and weights, quantisation, pairing checks.
 
-`load(model, drafter="auto")` accepts an alias from `aliases.ALIASES`, a hub repo id or a
-local folder, for the target and for the drafter. Only safetensors are read and no code from a
-checkpoint is ever executed.
+`load(model, drafter="auto", precision="4bit")` accepts an alias from `aliases.ALIASES`, a hub
+repo id or a local folder, for the target and for the drafter. Nothing is downloaded before
+the memory preflight has passed, only the files the text model needs are downloaded, only
+safetensors are read, and no code from a checkpoint is ever executed.
 """
 
 import json
-import os
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .aliases import ALIASES, DEMO, DEMO_PATH
-from .errors import GemmaChatError
+from . import hub, memory
+from .aliases import ALIASES, DEFAULT_PRECISION, DEMO, DEMO_PATH, Checkpoint, checkpoint
+from .errors import DownloadInterrupted, GemmaChatError
 from .models.assistant import Assistant, AssistantArgs, pairing_problems
 from .models.gemma4 import Model, ModelArgs, canonical_key
 from .models.moe import fused_module_path
 
 TARGET_TYPES = {"gemma4", "gemma4_text"}
 ASSISTANT_TYPES = {"gemma4_assistant"}
-_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+# Without these a config describes no particular model (ModelArgs would fill in defaults and
+# the weights would then miss hundreds of parameters).
+_TARGET_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_BITS = {"4bit": 4, "8bit": 8, "bf16": None}
 
 
 @dataclass
@@ -33,114 +36,266 @@ class Pair:
     tokenizer: object  # mlx_lm TokenizerWrapper
     target_path: Path
     drafter_path: Path | None = None
+    # Why the automatic drafter is missing (e.g. not in the cache, offline): plain decoding.
+    drafter_note: str | None = None
 
     @property
     def name(self) -> str:
         return self.target_path.name
 
 
-def load(model: str, drafter: str | None = "auto", *, quantize: int | None = None) -> Pair:
+def load(
+    model: str, drafter: str | None = "auto", *, precision: str = DEFAULT_PRECISION,
+    quantize: int | None = None,
+) -> Pair:
     """Load a target (and its drafter) by alias, hub repo id or local folder.
 
-    `drafter="auto"` takes the alias's assistant, or an `assistant/` folder (or a sibling
-    `<name>-assistant` folder) next to a local target; None loads no drafter.
+    `precision` picks among an alias's published conversions (4bit, 8bit, bf16) and is ignored
+    for repo ids and folders, which load as they are stored. `drafter="auto"` takes the
+    alias's assistant, an `assistant/` folder (or a sibling `<name>-assistant` folder) next to
+    a local target, or `<repo>-assistant` on the hub; None loads no drafter. Refuses, before
+    downloading anything, a pair that would not fit in 75 % of this machine's memory.
     """
-    target_path = resolve(model)
-    target = load_target(target_path, quantize=quantize)
-    tokenizer = load_tokenizer(target_path)
-    drafter_path = _drafter_path(model, target_path, drafter)
-    assistant = load_drafter(drafter_path, target) if drafter_path else None
-    return Pair(target, assistant, tokenizer, target_path, drafter_path)
+    return load_plan(plan(model, drafter, precision=precision), quantize=quantize,
+                     limit=memory.default_limit())
 
 
-# -- names -> folders --------------------------------------------------------------------------
-def resolve(name: str) -> Path:
-    """A local folder as is; an alias or a repo id through the Hugging Face cache. A bare alias
-    (`demo`, `e4b`) means the alias even where the working folder happens to hold a folder of
-    that name that is not a model; `./demo` always means the folder."""
+# -- names -> sources ----------------------------------------------------------------------------
+@dataclass
+class Source:
+    """One checkpoint: a hub repo (`repo`), a folder on disk (`path`), or a repo that is
+    already complete in the cache (both)."""
+
+    repo: str | None = None
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.repo or str(self.path)
+
+
+@dataclass
+class Plan:
+    """What `load` will read, resolved without downloading anything."""
+
+    model: str
+    target: Source
+    drafter: Source | None
+    row: Checkpoint | None = None  # the alias row, when `model` named one
+    drafter_optional: bool = False  # an automatic drafter: missing means plain decoding
+
+
+def is_alias(name: str) -> bool:
+    return name.lower() in ALIASES and not Path(name).expanduser().joinpath("config.json").is_file()
+
+
+def plan(model: str, drafter: str | None = "auto", *, precision: str | None = None) -> Plan:
+    precision = precision or DEFAULT_PRECISION
+    row = checkpoint(model, precision) if is_alias(model) else None
+    target = Source(row.target, hub.cached_snapshot(row.target)) if row else source(model)
+    out = Plan(model, target, None, row)
+    if drafter is None:
+        return out
+    if drafter != "auto":
+        out.drafter = source(drafter)
+    elif row is not None:
+        if row.assistant:
+            out.drafter = Source(row.assistant, hub.cached_snapshot(row.assistant))
+            out.drafter_optional = True
+    elif target.repo is None:
+        for candidate in (target.path / "assistant", target.path.with_name(target.path.name + "-assistant")):
+            if (candidate / "config.json").is_file():
+                out.drafter = Source(path=candidate)
+                break
+    else:
+        guess = target.repo + "-assistant"
+        out.drafter = Source(guess, hub.cached_snapshot(guess))
+        out.drafter_optional = True
+    return out
+
+
+def source(name: str) -> Source:
+    """A local folder as is; the demo pair; a repo id (or an alias's default precision) through
+    the Hugging Face cache. A bare alias (`demo`, `e4b`) means the alias even where the working
+    folder happens to hold a folder of that name that is not a model; `./demo` always means
+    the folder."""
     path = Path(name).expanduser()
     alias = name.lower() in ALIASES or name.lower() == DEMO
     explicit = name.startswith((".", "/", "~"))
     if path.is_dir() and (not alias or explicit or (path / "config.json").is_file()):
-        return path
+        return Source(path=path)
     if name.lower() == DEMO:
         if not (DEMO_PATH / "config.json").is_file():
             raise GemmaChatError("the demo pair is not in this installation of gemma-chat")
-        return DEMO_PATH
-    repo = ALIASES[name.lower()].target if name.lower() in ALIASES else name
-    if name.startswith((".", "/", "~")) or repo.count("/") != 1:
+        return Source(path=DEMO_PATH)
+    repo = checkpoint(name, DEFAULT_PRECISION).target if name.lower() in ALIASES else name
+    if explicit or repo.count("/") != 1:
         known = ", ".join([*ALIASES, DEMO])
         raise GemmaChatError(
             f"unknown model '{name}': not a folder, not an alias ({known}), not a hub repo id"
         )
-    return download(repo)
+    return Source(repo, hub.cached_snapshot(repo))
 
 
-def download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
+def resolve(name: str) -> Path:
+    """The folder `name` names, downloaded when it is a repo not in the cache yet."""
+    found = source(name)
+    return found.path or hub.download(found.repo)
+
+
+# -- the memory preflight --------------------------------------------------------------------------
+def estimate(p: Plan, *, quantize: int | None = None) -> memory.Estimate | None:
+    """Memory for `p` from what is known before downloading: the files where they are on disk,
+    the config otherwise (an alias's from models/configs.py, a repo's config.json from the
+    hub). None when the target's config cannot be had."""
+    target = _lazy_target(p, quantize)
+    if target is None:
+        return None
+    try:
+        drafter = _lazy_drafter(p, target)
+    except GemmaChatError:
+        drafter = None  # one that does not pair is refused at load, with the reason
+    return memory.estimate(target, drafter)
+
+
+def preflight(p: Plan, limit: memory.Limit | None, *, quantize: int | None = None) -> None:
+    if limit is None:
+        return
+    found = estimate(p, quantize=quantize)
+    if found is None or found.total <= limit.bytes:
+        return
+    from .catalog import largest_fitting
+
+    what = f"{p.row.alias} at {p.row.precision}" if p.row else p.model
+    best = largest_fitting(limit)
+    advice = f"the largest that fits: --model {best.alias} --precision {best.precision}" if best else "no published Gemma 4 fits"
+    raise GemmaChatError(
+        f"{what} needs about {found.describe()}, over the {memory.format_bytes(limit.bytes)} "
+        f"limit ({limit.why}); {advice}"
     )
 
+
+def _lazy_target(p: Plan, quantize: int | None) -> Model | None:
+    if p.target.path is not None:
+        return build_target(p.target.path, quantize=quantize)
+    if p.row is not None:
+        from .models.configs import TARGETS
+
+        config = dict(TARGETS[p.row.alias])
+        bits = _BITS[p.row.precision]
+        if bits:
+            config["quantization"] = {"group_size": 64, "bits": bits}
+        return model_from_config(config, quantize=quantize)
+    config = _hub_config(p.target.repo)
+    if config is None:
+        return None
+    return model_from_config(config, quantize=quantize, name=f"{p.target.repo}/config.json")
+
+
+def _lazy_drafter(p: Plan, target: Model) -> Assistant | None:
+    if p.drafter is None:
+        return None
+    if p.drafter.path is not None:
+        return build_drafter(p.drafter.path, target)
+    if p.row is not None:
+        from .models.configs import ASSISTANTS
+
+        return assistant_from_config(ASSISTANTS[p.row.alias])
+    config = _hub_config(p.drafter.repo)
+    return assistant_from_config(config) if config else None
+
+
+def _hub_config(repo: str) -> dict | None:
+    """A repo's config.json (a few KB, kept in the cache) when the hub or the cache has it."""
+    from huggingface_hub import hf_hub_download
+
     try:
-        return Path(snapshot_download(repo, allow_patterns=_FILES, tqdm_class=_progress_class()))
-    except GatedRepoError:
-        raise GemmaChatError(
-            f"{repo} is gated: accept its licence on huggingface.co and run `hf auth login`"
+        file = hf_hub_download(repo, "config.json", cache_dir=hub.cache_dir(),
+                               local_files_only=hub.offline())
+        config = json.loads(Path(file).read_text())
+    except Exception:  # unreachable, gated, missing, broken: no estimate, the download will say why
+        return None
+    return config if isinstance(config, dict) else None
+
+
+# -- sources -> folders ----------------------------------------------------------------------------
+def fetch(p: Plan, *, console=None) -> tuple[Path, Path | None, str | None]:
+    """(target folder, drafter folder or None, why an automatic drafter is missing)."""
+    missing = [s for s in (p.target, p.drafter) if s is not None and s.path is None]
+    if missing and console is not None and not hub.offline():
+        _announce(missing, console)
+    target = p.target.path or _download(p.target.repo, console)
+    if p.drafter is None:
+        return target, None, None
+    if p.drafter.path is not None:
+        return target, p.drafter.path, None
+    try:
+        return target, _download(p.drafter.repo, console), None
+    except GemmaChatError as e:
+        if not p.drafter_optional:
+            raise
+        return target, None, str(e)
+
+
+def _announce(sources: list[Source], console) -> None:
+    sizes = [hub.download_size(s.repo) for s in sources]
+    known = [s.missing for s in sizes if s is not None]
+    size = memory.format_bytes(sum(known)) if len(known) == len(sizes) else "size unknown"
+    names = " and ".join(s.repo for s in sources)
+    console.print(f"downloading {names} ({size}) to {hub.cache_dir()}", style="dim")
+
+
+def _download(repo: str, console) -> Path:
+    size = hub.download_size(repo) if console is not None and console.is_terminal else None
+    try:
+        return hub.download(repo, console=console, expected=size.missing if size else None)
+    except KeyboardInterrupt:
+        raise DownloadInterrupted(
+            f"interrupted: the download of {repo} stopped; the files it completed stay in the "
+            "cache and the same command fetches the rest"
         ) from None
-    except RepositoryNotFoundError:
-        raise GemmaChatError(f"{repo} was not found on the Hugging Face hub") from None
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "offline mode (HF_HUB_OFFLINE) is on" if offline else "the hub could not be reached"
-        raise GemmaChatError(f"{repo} is not in the local cache and {why}") from None
-    except OSError as e:
-        raise GemmaChatError(f"could not download {repo}: {e}") from None
 
 
-def _progress_class():
-    """A Rich progress bar for downloads when stderr is a terminal; hub defaults otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import TqdmExperimentalWarning
-    from tqdm.rich import tqdm
-
-    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
-    return tqdm
-
-
-def _drafter_path(model: str, target_path: Path, drafter: str | None) -> Path | None:
-    if drafter is None:
-        return None
-    if drafter != "auto":
-        return resolve(drafter)
-    if model.lower() in ALIASES:
-        return resolve(ALIASES[model.lower()].assistant)
-    for candidate in (target_path / "assistant", target_path.with_name(target_path.name + "-assistant")):
-        if (candidate / "config.json").is_file():
-            return candidate
-    if "/" in model and not Path(model).expanduser().exists():
-        try:
-            return download(model + "-assistant")
-        except GemmaChatError:
-            return None
-    return None
+def load_plan(
+    p: Plan, *, quantize: int | None = None, limit: memory.Limit | None = None, console=None
+) -> Pair:
+    """Check memory, download what is missing, check memory again on the real files, load."""
+    if quantize not in (None, 4, 8):
+        raise GemmaChatError("quantize must be 4 or 8 bits")
+    if quantize and p.row and _BITS[p.row.precision]:
+        raise GemmaChatError(
+            f"{p.row.alias} at {p.row.precision} is already quantised: drop --quantize, or "
+            f"quantise the originals with --precision bf16 --quantize {quantize}"
+        )
+    preflight(p, limit, quantize=quantize)
+    target_path, drafter_path, note = fetch(p, console=console)
+    resolved = Plan(p.model, Source(p.target.repo, target_path),
+                    Source(p.drafter.repo, drafter_path) if drafter_path else None, p.row)
+    preflight(resolved, limit, quantize=quantize)
+    target = load_target(target_path, quantize=quantize)
+    tokenizer = load_tokenizer(target_path)
+    assistant = load_drafter(drafter_path, target) if drafter_path else None
+    return Pair(target, assistant, tokenizer, target_path, drafter_path, drafter_note=note)
 
 
-# -- folders -> models -------------------------------------------------------------------------
+# -- folders -> models ---------------------------------------------------------------------------
 def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise GemmaChatError(f"{path} has no config.json: not a model folder")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GemmaChatError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise GemmaChatError(
+            f"{file} is not a model config: a JSON object expected, found {type(config).__name__}"
+        )
+    return config
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:
+    """Every tensor in the folder's safetensors, mapped lazily (nothing is read until used)."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
@@ -155,60 +310,130 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def _apply_weights(model: nn.Module, weights: dict, config: dict, path: Path, quantize: int | None):
+def _quantization(config: dict) -> dict | None:
     quant = config.get("quantization") or config.get("quantization_config")
-    if quant and "bits" in quant:
-        # Quantised MLX checkpoints: a module is quantised iff the checkpoint has its scales;
-        # per-module overrides (e.g. an 8-bit router) are keyed by the checkpoint's module path,
-        # mlx-lm's split expert names mapped onto our fused `experts.gate_up_proj`.
-        overrides = {}
-        for key, value in quant.items():
-            module = canonical_key(key) if isinstance(value, dict) else None
-            if module is None:
-                continue
-            module = fused_module_path(module)
-            if overrides.setdefault(module, value) != value:
-                raise GemmaChatError(f"{module}: gate_proj and up_proj are quantised differently")
+    return quant if isinstance(quant, dict) and "bits" in quant else None
 
-        def predicate(p, m):
-            if p in overrides:
-                return overrides[p]
-            return hasattr(m, "to_quantized") and f"{p}.scales" in weights
 
-        nn.quantize(
-            model,
-            group_size=quant.get("group_size", 64),
-            bits=quant["bits"],
-            mode=quant.get("mode", "affine"),
-            class_predicate=predicate,
+def quantize_as_stored(model: nn.Module, quant: dict, is_quantized) -> None:
+    """Turn `model`'s layers into the quantised layers a checkpoint stores: the default bits and
+    group size of `quant`, its per-module overrides (keyed by the checkpoint's module path;
+    e.g. an 8-bit router; mlx-lm's split expert names mapped onto our fused
+    `experts.gate_up_proj`), for the modules `is_quantized(path, module)` picks."""
+    overrides = {}
+    for key, value in quant.items():
+        module = canonical_key(key) if isinstance(value, dict) else None
+        if module is None:
+            continue
+        module = fused_module_path(module)
+        if overrides.setdefault(module, value) != value:
+            raise GemmaChatError(f"{module}: gate_proj and up_proj are quantised differently")
+
+    def predicate(p, m):
+        if p in overrides:
+            return overrides[p]
+        return is_quantized(p, m)
+
+    nn.quantize(
+        model,
+        group_size=quant.get("group_size", 64),
+        bits=quant["bits"],
+        mode=quant.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _assign_weights(model: nn.Module, weights: dict, config: dict, path: Path, quantize: int | None):
+    """Weights into `model`, as lazy arrays (the caller evaluates them, or only counts them)."""
+    quant = _quantization(config)
+    if quant:
+        # A module of a quantised checkpoint is quantised iff the checkpoint has its scales.
+        quantize_as_stored(
+            model, quant, lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights
         )
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise GemmaChatError(f"weights in {path} do not fit its config.json: {e}") from None
+        raise GemmaChatError(f"weights in {path} do not fit its config.json: {_short(e)}") from None
     if quantize:
         if quant:
             raise GemmaChatError(f"{path} is already quantised; drop --quantize")
-        if quantize not in (4, 8):
-            raise GemmaChatError("quantize must be 4 or 8 bits")
-        nn.quantize(model, group_size=64, bits=quantize, class_predicate=model.quant_predicate)
-    mx.eval(model.parameters())
+        nn.quantize(model, group_size=64, bits=quantize, class_predicate=Model.quant_predicate)
 
 
-def load_target(path: Path, *, quantize: int | None = None) -> Model:
-    config = read_config(path)
+def _short(error: ValueError) -> str:
+    """mlx lists every missing parameter, one a line; one line with a few names says enough."""
+    text = " ".join(str(error).split())
+    head, _, names = text.partition(": ")
+    listed = [n.strip(" ,.") for n in names.split(",")] if names else []
+    if len(listed) <= 3:
+        return text
+    return f"{head}: {', '.join(listed[:3])} and {len(listed) - 3} more"
+
+
+def _target_args(config: dict, file: Path | str) -> ModelArgs:
     kind = config.get("model_type")
     if kind in ASSISTANT_TYPES:
-        raise GemmaChatError(f"{path} is an MTP assistant, not a target model (use it as --drafter)")
+        raise GemmaChatError(f"{file} is an MTP assistant, not a target model (use it as --drafter)")
     if kind not in TARGET_TYPES:
-        raise GemmaChatError(f"{path} is a '{kind}' model, not Gemma 4 (model_type gemma4)")
-    model = Model(ModelArgs.from_config(config))
-    weights = model.sanitize(read_weights(path))
-    _apply_weights(model, weights, config, path, quantize)
+        found = f"a '{kind}' model" if kind else "has no model_type"
+        raise GemmaChatError(f"{file} {'is ' if kind else ''}{found}, not Gemma 4 (model_type gemma4)")
+    text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise GemmaChatError(f"{file}: text_config is not an object")
+    absent = [name for name in _TARGET_FIELDS if name not in text]
+    if absent:
+        raise GemmaChatError(f"{file} lacks {', '.join(absent)}: not a complete Gemma 4 config")
+    try:
+        return ModelArgs.from_config(config)
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        raise GemmaChatError(f"{file}: {e}") from None
+
+
+def model_from_config(config: dict, *, quantize: int | None = None, name: str = "config") -> Model:
+    """A lazily built target as a checkpoint with `config` would load (bf16 unless the config
+    says otherwise), for counting bytes before the files are here."""
+    model = Model(_target_args(config, name))
+    model.set_dtype(_config_dtype(config))
+    quant = _quantization(config)
+    if quant:
+        quantize_as_stored(model, quant, Model.quant_predicate)
+    elif quantize:
+        nn.quantize(model, group_size=64, bits=quantize, class_predicate=Model.quant_predicate)
     return model
 
 
-def load_drafter(path: Path, target: Model) -> Assistant:
+def assistant_from_config(config: dict) -> Assistant | None:
+    if config.get("model_type") not in ASSISTANT_TYPES:
+        return None
+    drafter = Assistant(AssistantArgs.from_config(config))
+    drafter.set_dtype(_config_dtype(config))
+    return drafter
+
+
+def _config_dtype(config: dict) -> mx.Dtype:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    name = config.get("torch_dtype") or config.get("dtype") or text.get("dtype") or "bfloat16"
+    return {"float32": mx.float32, "float16": mx.float16}.get(str(name), mx.bfloat16)
+
+
+def build_target(path: Path, *, quantize: int | None = None) -> Model:
+    """The target in `path` with its weights assigned but not read (MLX is lazy)."""
+    config = read_config(path)
+    model = Model(_target_args(config, path / "config.json"))
+    weights = model.sanitize(read_weights(path))
+    _assign_weights(model, weights, config, path, quantize)
+    return model
+
+
+def load_target(path: Path, *, quantize: int | None = None) -> Model:
+    model = build_target(path, quantize=quantize)
+    mx.eval(model.parameters())
+    return model
+
+
+def build_drafter(path: Path, target: Model) -> Assistant:
+    """The drafter in `path`, checked against `target`, weights assigned but not read."""
     config = read_config(path)
     if config.get("model_type") not in ASSISTANT_TYPES:
         raise GemmaChatError(
@@ -219,7 +444,13 @@ def load_drafter(path: Path, target: Model) -> Assistant:
     if problems:
         raise GemmaChatError(f"drafter {path.name} does not fit the target: {'; '.join(problems)}")
     drafter = Assistant(args)
-    _apply_weights(drafter, drafter.sanitize(read_weights(path)), config, path, None)
+    _assign_weights(drafter, drafter.sanitize(read_weights(path)), config, path, None)
+    return drafter
+
+
+def load_drafter(path: Path, target: Model) -> Assistant:
+    drafter = build_drafter(path, target)
+    mx.eval(drafter.parameters())
     return drafter
 
 
@@ -243,6 +474,8 @@ def _eos_ids(path: Path) -> list[int] | None:
             try:
                 data = json.loads(file.read_text())
             except json.JSONDecodeError:
+                continue
+            if not isinstance(data, dict):
                 continue
             eos = data.get("eos_token_id") or (data.get("text_config") or {}).get("eos_token_id")
             if eos is not None:

@@ -97,3 +97,72 @@ def echo_pairs(tmp_path_factory, ckpt):
             make_echo_drafter(pair)
             out[(shape, centroids)] = pair
     return out
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory) -> dict[str, Path]:
+    """Tiny E4B- and E2B-shaped pairs as the hub has them: Google's multimodal original
+    ("e4b-original") and mlx-vlm conversions ("e4b-plain", "e4b-4bit", "e4b-8bit",
+    "e4b-mixed_4_8", "e2b-4bit"; assistants "e4b-assistant", "e2b-assistant" in bf16)."""
+    from fixtures import mlx_vlm_checkpoints as mlx_vlm
+
+    root = tmp_path_factory.mktemp("published")
+    out, jobs = {}, []
+    for shape, variants in (("e4b", ("plain", "4bit", "8bit", "mixed_4_8")), ("e2b", ("4bit",))):
+        text = tiny.make_target(root / f"{shape}-text", shape)
+        out[f"{shape}-original"] = mlx_vlm.make_multimodal_target(root / f"{shape}-original", text)
+        assistant = tiny.make_assistant(
+            root / f"{shape}-assistant-hf", text, centroids=True, hub_style_config=True
+        )
+        mlx_vlm.add_tokenizer(assistant, text)
+        for variant in variants:
+            out[f"{shape}-{variant}"] = root / f"{shape}-{variant}"
+            jobs.append((out[f"{shape}-original"], out[f"{shape}-{variant}"],
+                         mlx_vlm.CONVERSIONS[variant]))
+        out[f"{shape}-assistant"] = root / f"{shape}-assistant"
+        jobs.append((assistant, out[f"{shape}-assistant"], mlx_vlm.CONVERSIONS["assistant"]))
+    mlx_vlm.convert(jobs)
+    return out
+
+
+# The alias rows the tiny published checkpoints stand in for, in the test hub cache.
+CACHED_REPOS = {
+    "mlx-community/gemma-4-e4b-it-4bit": "e4b-4bit",
+    "mlx-community/gemma-4-e4b-it-8bit": "e4b-8bit",
+    "google/gemma-4-E4B-it": "e4b-original",
+    "mlx-community/gemma-4-E4B-it-assistant-bf16": "e4b-assistant",
+    "mlx-community/gemma-4-e2b-it-4bit": "e2b-4bit",
+    "mlx-community/gemma-4-E2B-it-assistant-bf16": "e2b-assistant",
+    "someone/gemma-4-e4b-it-mixed_4_8": "e4b-mixed_4_8",
+}
+
+
+def make_hub_cache(root: Path, published: dict[str, Path], repos: dict[str, str]) -> Path:
+    """A hub cache holding, for each repo, what `gemma-chat` would have downloaded."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from fixtures.hub_cache import add_to_cache
+    from gemma_mtp_mlx.hub import TEXT_MODEL_FILES
+
+    for repo, name in repos.items():
+        folder = published[name]
+        files = list(filter_repo_objects(
+            [p.name for p in folder.iterdir()], allow_patterns=TEXT_MODEL_FILES
+        ))
+        add_to_cache(root, repo, folder, files=files)
+    return root
+
+
+@pytest.fixture(scope="session")
+def hub_cache(published, tmp_path_factory) -> Path:
+    return make_hub_cache(tmp_path_factory.mktemp("hub"), published, CACHED_REPOS)
+
+
+@pytest.fixture
+def offline_env(hub_cache, tmp_path) -> dict[str, str]:
+    """Environment for a `gemma-chat` run offline on the test hub cache."""
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(hub_cache),
+        "GEMMA_CHAT_STATE_DIR": str(tmp_path / "state"),
+    }

@@ -137,7 +137,9 @@ def test_missing_model_offline(tmp_path):
         "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
     }
     line = fail("-m", "e4b", "-p", "hi", env=env)
-    assert "google/gemma-4-E4B-it" in line and "offline" in line
+    assert "mlx-community/gemma-4-e4b-it-4bit" in line and "offline" in line
+    line = fail("-m", "e4b", "--precision", "bf16", "-p", "hi", env=env)
+    assert "google/gemma-4-E4B-it is not in the local cache" in line
     assert "unknown model" in fail("-m", "./no/such/folder", "-p", "hi")
 
 
@@ -187,6 +189,8 @@ def test_usage_errors_version_and_flags():
         "--json",
         "--debug",
         "--version",
+        "--precision",
+        "--max-memory",
     ):
         assert flag in help_text
     assert "--raw needs --prompt" in fail("--raw")

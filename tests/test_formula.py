@@ -132,3 +132,21 @@ def test_generator_without_network_says_one_line(monkeypatch, capsys, tmp_path):
 def test_formula_is_valid_ruby():
     done = subprocess.run(["ruby", "-c", str(FORMULA)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_caveats_and_readme_describe_the_default_download():
+    """What a new user reads before the first run matches what the first run does."""
+    from gemma_mtp_mlx.aliases import DEFAULT_CHOICES, DEFAULT_PRECISION, checkpoint
+    from gemma_mtp_mlx.catalog import estimate_of
+    from gemma_mtp_mlx.memory import format_bytes
+
+    first, fallback = (checkpoint(a, DEFAULT_PRECISION) for a in DEFAULT_CHOICES)
+    rendered = generate.render("9.9.9", "someone/gemma-chat", "x.tar.gz", "a" * 64, [])
+    caveats = re.search(r"^  def caveats\n.*?^  end\n", FORMULA.read_text(), re.S | re.M).group(0)
+    assert caveats in rendered
+    readme_head = (ROOT / "README.md").read_text()[:1500]
+    for text in (caveats, readme_head):
+        text = " ".join(text.split())
+        assert first.target in text and "gemma-chat models" in text
+        assert f"up to {format_bytes(estimate_of(first).total)}" in text
+        assert f"up to {format_bytes(estimate_of(fallback).total)}" in text

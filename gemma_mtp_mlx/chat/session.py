@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..engine.context import DEFAULT_SLACK, Context, max_draft_tokens
+from ..engine.context import Context
 from ..engine.generate import generate
+from ..engine.rollback import DEFAULT_SLACK, max_draft_tokens
 from ..engine.stats import GenerationStats
 from ..errors import GemmaChatError
 from .thinking import ChannelSplitter, strip_channels

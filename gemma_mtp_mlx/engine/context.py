@@ -8,21 +8,9 @@ import mlx.core as mx
 
 from ..errors import GemmaChatError
 from ..models.gemma4 import Model
+from .rollback import DEFAULT_SLACK
 
 PREFILL_CHUNK = 512
-# Rollback room of the sliding-window caches (models/cache.py); it bounds the draft length.
-DEFAULT_SLACK = 64
-
-
-def max_draft_tokens(slack: int) -> int:
-    """The most drafts one round may verify with sliding caches of this slack. A round writes
-    its K + 1 tokens and rolls back at most its K drafts (also when the answer ends inside the
-    round: the round's first token was emitted before it), and a sliding cache can roll back
-    slack - 1 positions (`SlidingWindowCache.max_rollback`: the drafter reads one key more than
-    the window)."""
-    return slack - 1
-
-
 class Context:
     def __init__(self, target: Model, slack: int = DEFAULT_SLACK):
         self.target = target

@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from ..errors import GemmaChatError
-from .context import DEFAULT_SLACK, Context, max_draft_tokens
+from .context import Context
 from .costs import RowCosts, measurements_for
 from .plain import PlainSteps
 from .policy import DraftPolicy
+from .rollback import max_draft_tokens
 from .sampling import Sampler
 from .speculative import Row, run_round
 from .stats import GenerationStats, RoundStats
@@ -73,9 +74,9 @@ class Decoder:
     def __init__(self, pair, *, mtp: bool = True, draft_tokens: int | None = None):
         self.target = pair.target
         self.drafter = pair.drafter if mtp else None
-        if draft_tokens is not None and not 0 <= draft_tokens <= max_draft_tokens(DEFAULT_SLACK):
+        if draft_tokens is not None and not 0 <= draft_tokens <= max_draft_tokens():
             raise GemmaChatError(
-                f"draft tokens must be between 0 and {max_draft_tokens(DEFAULT_SLACK)}"
+                f"draft tokens must be between 0 and {max_draft_tokens()}"
             )
         self.fixed_k = draft_tokens
         self.policy = None

@@ -213,6 +213,17 @@ class GemmaChat < Formula
     virtualenv_install_with_resources
   end
 
+  def caveats
+    <<~EOS
+      On first use `gemma-chat` downloads Gemma 4 and its MTP drafter to the Hugging Face cache:
+      E4B at 4-bit (mlx-community/gemma-4-e4b-it-4bit, roughly 5 GB; up to 6.1 GiB of memory)
+      where it fits, as on 16 GB Macs, else E2B at 4-bit (up to 3.3 GiB). It says which model
+      and the download size before it starts; Ctrl-C and a rerun resume the download.
+        gemma-chat models     every size and precision, what is cached, what fits this Mac
+        gemma-chat --model demo   the built-in demo pair, offline
+    EOS
+  end
+
   test do
     ENV["HF_HUB_OFFLINE"] = "1"
     ENV["HF_HOME"] = testpath/"huggingface"
