@@ -265,8 +265,8 @@ def train_drafter_command(
     debug: Annotated[bool, typer.Option("--debug")] = False,
 ):
     """Distil a Gemma 4 MTP drafter for a target on text: `--drafter OUT` then uses it."""
-    from .distill import train_drafter
     from .loading import resolve
+    from .tools.distill import train_drafter
 
     err = stderr_console()
     try:
