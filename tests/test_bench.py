@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from gemma_mtp_mlx.cli import app
 from gemma_mtp_mlx.models.configs import FULL, SLIDING, TARGETS
+from gemma_mtp_mlx.models.gemma4 import Model, ModelArgs
 from gemma_mtp_mlx.tools import bench
 from gemma_mtp_mlx.tools.bench import costs, peers, shapes
 from gemma_mtp_mlx.tools.bench.measure import run_ours
@@ -76,6 +78,17 @@ def test_fit_takes_fewer_layers_then_a_smaller_vocabulary_as_memory_shrinks():
         shapes.fit("26b", 4, 2**30)
 
 
+def test_step_bytes_count_the_head_and_only_the_experts_a_token_routes_to():
+    assert shapes.step_bytes(shapes.shape("e2b"))["lm_head"] == 262144 * 1536 * 4
+    moe = shapes.shape("26b", 2)
+    target = Model(ModelArgs.from_config(moe.target))  # not evaluated: nothing is allocated
+    total = sum(v.size * 4 for _, v in tree_flatten(target.parameters()))
+    read = shapes.step_bytes(moe)
+    experts = 2 * 128 * 3 * 2816 * 704 * 4
+    assert read["lm_head"] == 262144 * 2816 * 4
+    assert read["layers"] == total - read["lm_head"] - experts + experts * 8 // 128
+
+
 def test_tiny_shapes_decode_the_same_with_mlx_lm(tiny_pairs):
     for name, pair in tiny_pairs.items():
         args = pair.target.args
@@ -137,6 +150,7 @@ def test_shape_bench_json_holds_every_row_with_sane_figures(tiny_pairs):
     for key in ("shape", "layers", "vocab", "machine", "plain_tps", "mlx_lm_tps", "outputs_identical", "rows"):
         assert key in result, key
     assert result["shape"] == "26b" and result["layers"] == 6 and result["vocab"] == 512
+    assert result["step_bytes"]["full"]["lm_head"] == 262144 * 2816 * 4
     assert result["outputs_identical"] is True
     assert "simulated" in result["simulated"]
     variants = ["policy", "k1", "k2", "k3", "k4"]

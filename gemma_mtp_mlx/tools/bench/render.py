@@ -79,6 +79,16 @@ def render_shape(result: dict, console) -> None:
         + ", ".join(f"T{t} {r:.2f}" for t, r in zip(c["tokens"], c["ratios"]))
         + f"; drafter step ({head.replace('_', ' ')}) {c['drafter_step_ratio'][head]:.3f}"
     )
+    b = result["step_bytes"]
+
+    def reads(x):
+        total = x["lm_head"] + x["layers"]
+        return f"{total / 2**30:.2f} GiB, {x['lm_head'] / total:.0%} of it the LM head"
+
+    console.print(
+        f"weights a one-token step reads (arithmetic on the shape): {reads(b['kept'])}; the full "
+        f"model's {reads(b['full'])}"
+    )
     console.print(
         "outputs identical (every variant, every run = ours plain): "
         + ("yes" if result["outputs_identical"] else "[bold red]NO[/]")

@@ -27,7 +27,7 @@ from .peers import (
     vlm_target,
 )
 from .report import SIMULATED, goals, identical, shape_rows
-from .shapes import Shape
+from .shapes import Shape, shape, step_bytes
 from .simulated import Proposals, SimulatedDrafter
 
 FIXED_KS = (1, 2, 3, 4)
@@ -37,7 +37,7 @@ VLM_BLOCK = 4  # mlx-vlm's default draft_block_size: the bonus token and 3 draft
 
 def run_shape_bench(
     pair,
-    shape: Shape,
+    kept: Shape,
     acceptances: list[float],
     *,
     max_tokens: int = 64,
@@ -47,7 +47,7 @@ def run_shape_bench(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Measure everything for a random-weight pair of `shape`; one JSON-ready dict."""
+    """Measure everything for a random-weight pair of the shape `kept`; one JSON-ready dict."""
     say = progress or (lambda _message: None)
     notes = [n for n in (busy_note(), preload_note()) if n]
     vocab = pair.target.args.vocab_size
@@ -101,10 +101,12 @@ def run_shape_bench(
     if reference.tokens != plain.tokens:
         notes.append("ours plain decoded differently from its first run")
     return {
-        "shape": shape.name,
-        "description": shape.note,
-        "layers": shape.layers,
-        "vocab": shape.vocab,
+        "shape": kept.name,
+        "description": kept.note,
+        "layers": kept.layers,
+        "vocab": kept.vocab,
+        # How representative the kept layers are: what a one-token step reads, kept and full.
+        "step_bytes": {"kept": step_bytes(kept), "full": step_bytes(shape(kept.name))},
         "machine": machine(),
         "simulated": SIMULATED,
         "settings": {
@@ -118,7 +120,7 @@ def run_shape_bench(
         "outputs_identical": all(identical(v, reference) for v in variants.values()),
         "rows": rows,
         "costs": curve | {"drafter_head": head},
-        "goals": goals(shape.name, rows, plain_vs_mlx_lm),
+        "goals": goals(kept.name, rows, plain_vs_mlx_lm),
         "mlx_vlm": {"skipped": missing} if missing else {"block": VLM_BLOCK},
         "notes": notes,
     }

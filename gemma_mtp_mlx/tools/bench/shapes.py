@@ -114,6 +114,27 @@ def weight_bytes(s: Shape) -> tuple[int, int]:
     return sum(v.size * 4 for v in arrays), max(v.size * 4 for v in arrays)
 
 
+def step_bytes(s: Shape) -> dict[str, int]:
+    """Bytes of fp32 target weights one decoded token reads, by arithmetic on the shape (not a
+    measurement): the LM head (the tied token table) and the layers, a mixture of experts'
+    expert weights at top_k / experts (per-layer embeddings: one row per token, left out).
+    Says how far a truncated model's step is from the full one's."""
+    target, _ = _modules(s)
+    args = target.args
+    head = layers = 0
+    for key, value in tree_flatten(target.parameters()):
+        size = value.size * 4
+        if key == "model.embed_tokens.weight":
+            head += size
+        elif key.startswith("model.embed_tokens_per_layer."):
+            continue
+        elif ".experts." in key:
+            layers += size * args.top_k_experts // args.num_experts
+        else:
+            layers += size
+    return {"lm_head": head, "layers": layers}
+
+
 def available_memory() -> int:
     """Bytes of memory free for this run: MemAvailable on Linux, physical memory elsewhere."""
     try:
