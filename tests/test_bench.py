@@ -3,15 +3,18 @@ acceptance is what it was set to, the shapes keep the real layer pattern, and th
 sane figures. No timing is asserted (speed goals live in the benchmark, not here)."""
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from gemma_mtp_mlx.cli import app
+from gemma_mtp_mlx.engine.context import Context
 from gemma_mtp_mlx.models.configs import FULL, SLIDING, TARGETS
 from gemma_mtp_mlx.models.gemma4 import Model, ModelArgs
 from gemma_mtp_mlx.tools import bench
@@ -114,6 +117,26 @@ def test_simulated_acceptance_is_what_was_set_and_output_stays_plain(tiny_pairs)
         assert abs(run.acceptance - a) < 0.06, (a, run.acceptance)
         if a == 1.0:  # every round but the probes and the last emits K + 1 tokens
             assert run.tokens_per_forward > 0.9 * (k + 1)
+
+
+def test_the_simulated_proposal_depends_on_the_drafter_network(tiny_pairs):
+    """MLX computes only what an output depends on, and folds an argmax over one candidate into
+    a constant: the engine's pick (argmax over the candidate scores, mapped through the ids)
+    must still depend on the real drafter's layers and head."""
+    pair = tiny_pairs["e2b"]
+    ctx = Context(pair.target)
+    _, hidden, _ = ctx.prefill(PROMPT)
+    mx.eval(hidden, [c.state for c in ctx.cache])
+    proposals = Proposals(PROMPT + [9] * 8, 1.0, pair.target.args.vocab_size)
+    simulated = SimulatedDrafter(pair.drafter, proposals)
+    kv = pair.target.drafter_kv(ctx.cache, simulated.sliding_window)
+    y, _ = simulated(pair.target.model.embed(mx.array([[PROMPT[-1]]])), hidden, kv, len(PROMPT) - 1)
+    ids, scores = simulated.candidate_logits(y[:, 0])
+    pick = mx.take_along_axis(ids, mx.argmax(scores, axis=-1)[:, None], axis=-1)
+    graph = io.StringIO()
+    mx.export_to_dot(graph, pick)
+    assert graph.getvalue().count('"Matmul"') >= 2 * len(pair.drafter.model.layers)
+    assert pick.item() == 9
 
 
 def test_mlx_vlm_meets_the_same_simulated_drafter(tiny_pairs):

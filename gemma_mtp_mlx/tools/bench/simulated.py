@@ -71,10 +71,12 @@ class SimulatedDrafter:
         return y, g
 
     def candidate_logits(self, y: mx.array) -> tuple[mx.array, mx.array]:
-        """One candidate, the simulated proposal, scored with the max of the real head's
-        logits: the head and a full reduction over them still run (MLX evaluates lazily, so
-        what no output depends on would never be computed)."""
+        """The simulated proposal as the only candidate id, twice, scored with the max of the
+        real head's logits: the head and a full reduction over them still run. MLX evaluates
+        lazily, so what no output depends on is never computed, and it folds an argmax over a
+        single candidate into a constant at graph construction: hence two (equal) ones, so
+        the engine's pick depends on the scores."""
         _, logits = self.drafter.candidate_logits(y)
         score = logits.max(axis=-1, keepdims=True)  # [1, 1]
         token = self.proposals.token(self._position + 1 + self._step)
-        return mx.array([[token]], dtype=mx.int32), score
+        return mx.array([[token, token]], dtype=mx.int32), mx.concatenate([score, score], axis=-1)
