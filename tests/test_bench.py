@@ -107,16 +107,16 @@ def test_tiny_shapes_decode_the_same_with_mlx_lm(tiny_pairs):
 # -- the simulated drafter ---------------------------------------------------------------------
 def test_simulated_acceptance_is_what_was_set_and_output_stays_plain(tiny_pairs):
     pair = tiny_pairs["e2b"]
-    n = 400
-    plain = run_ours(pair, PROMPT, n, mtp=False).tokens
-    for a, k in ((0.7, 3), (0.0, 2), (1.0, 4)):
+    plain = run_ours(pair, PROMPT, 300, mtp=False).tokens
+    for a, k, n in ((0.7, 3, 300), (0.0, 2, 60), (1.0, 4, 60)):
         proposals = Proposals(PROMPT + plain, a, pair.target.args.vocab_size)
         simulated = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
         run = run_ours(simulated, PROMPT, n, mtp=True, k=k)
-        assert run.tokens == plain
-        assert abs(run.acceptance - a) < 0.06, (a, run.acceptance)
+        assert run.tokens == plain[:n]
+        # ~290 drafts reached at 0.7: 0.08 is three standard deviations.
+        assert abs(run.acceptance - a) < 0.08, (a, run.acceptance)
         if a == 1.0:  # every round but the probes and the last emits K + 1 tokens
-            assert run.tokens_per_forward > 0.9 * (k + 1)
+            assert run.tokens_per_forward > 0.8 * (k + 1)
 
 
 def test_the_simulated_proposal_depends_on_the_drafter_network(tiny_pairs):
@@ -141,14 +141,13 @@ def test_the_simulated_proposal_depends_on_the_drafter_network(tiny_pairs):
 
 def test_mlx_vlm_meets_the_same_simulated_drafter(tiny_pairs):
     pytest.importorskip("mlx_vlm")
-    for pair in tiny_pairs.values():
-        n = 200
-        plain = run_ours(pair, PROMPT, n, mtp=False).tokens
-        proposals = Proposals(PROMPT + plain, 0.6, pair.target.args.vocab_size)
-        model = peers.vlm_target(pair.target, peers.eos_bias(pair.target, pair.tokenizer))
-        run = peers.run_mlx_vlm(model, peers.vlm_drafter(pair.drafter, proposals), PROMPT, n, 4)
-        assert run.tokens == plain
-        assert abs(run.acceptance - 0.6) < 0.1, run.acceptance
+    pair = tiny_pairs["e2b"]  # the MoE shape meets it in the shape bench's test
+    plain = run_ours(pair, PROMPT, 200, mtp=False).tokens
+    proposals = Proposals(PROMPT + plain, 0.6, pair.target.args.vocab_size)
+    model = peers.vlm_target(pair.target, peers.eos_bias(pair.target, pair.tokenizer))
+    run = peers.run_mlx_vlm(model, peers.vlm_drafter(pair.drafter, proposals), PROMPT, 200, 4)
+    assert run.tokens == plain
+    assert abs(run.acceptance - 0.6) < 0.12, run.acceptance  # ~150 drafts reached: 2.5 sd
 
 
 def test_mlx_vlm_with_the_real_drafter_decodes_like_ours(echo_pairs):

@@ -190,18 +190,18 @@ def _report(pair, results, cost, notes, *, max_tokens, repeats, quick) -> dict:
 
 
 def _meter(results: dict) -> dict:
-    """Per variant of ours over the workloads: the baseline the engine reported for its meter
-    / ours plain measured beside it, and the meter's speedup / the real one (medians' values)."""
-    out = {}
-    for label in next(iter(results.values())):
-        runs = [w[label] for w in results.values() if isinstance(w.get(label), dict)]
-        runs = [r for r in runs if r.get("baseline_error") is not None]
-        if runs:
-            out[label] = {
-                "baseline_error": [r["baseline_error"] for r in runs],
-                "meter_speedup": [r["meter_speedup"] for r in runs],
-                "speedup": [r["vs_plain"] for r in runs],
-            }
+    """Per variant of ours and workload: the baseline the engine reported for its meter / ours
+    plain measured beside it, and the meter's speedup beside the real one (the median runs';
+    absent where the run had no round without drafts to measure a baseline from)."""
+    out: dict[str, dict] = {}
+    for name, w in results.items():
+        for label, run in w.items():
+            if isinstance(run, dict) and run.get("baseline_error") is not None:
+                out.setdefault(label, {})[name] = {
+                    "baseline_error": run["baseline_error"],
+                    "meter_speedup": run["meter_speedup"],
+                    "speedup": run["vs_plain"],
+                }
     return out
 
 

@@ -145,11 +145,14 @@ def render_pair(result: dict, console) -> None:
 
     t = _table(console, "what the meter showed: its speedup (the real one) and its baseline / ours "
                "plain measured beside it", "variant", *result["workloads"])
-    for label, m in result["meter"].items():
-        t.add_row(label, *[
-            f"{s:.2f}x ({r:.2f}x), {e:.2f}" for s, r, e in
-            zip(m["meter_speedup"], m["speedup"], m["baseline_error"])
-        ])
+    for label, by_workload in result["meter"].items():
+        cells = []
+        for name in result["workloads"]:
+            m = by_workload.get(name)
+            cells.append("–" if m is None else (
+                f"{m['meter_speedup']:.2f}x ({m['speedup']:.2f}x), {m['baseline_error']:.2f}"
+            ))
+        t.add_row(label, *cells)
     console.print(t)
 
     c = result["cost_curve"]
