@@ -2,7 +2,10 @@ PY ?= .venv/bin/python
 OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
 PRELOAD := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
 
-.PHONY: install test demo bench lint
+SHAPE ?= e2b
+ACCEPTANCE ?= 0.6,0.7,0.8,0.9
+
+.PHONY: install test demo bench bench-shape lint
 
 install:
 	test -x $(PY) || python3 -m venv .venv
@@ -21,6 +24,11 @@ demo:
 
 bench:
 	$(PRELOAD) $(PY) scripts/bench.py
+
+bench-shape:
+	# Random weights with a real Gemma 4 shape, simulated acceptance (make bench-shape SHAPE=e4b).
+	# One BLAS thread: the other core runs the host's Python, as a Mac's CPU does beside its GPU.
+	$(PRELOAD) OPENBLAS_NUM_THREADS=1 $(PY) scripts/bench.py --shape $(SHAPE) --acceptance $(ACCEPTANCE)
 
 lint:
 	$(PY) -m ruff check gemma_mtp_mlx tests scripts fixtures

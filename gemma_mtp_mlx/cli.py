@@ -21,7 +21,6 @@ from rich.markup import escape
 
 from . import __version__
 from .aliases import ALIASES, check_precision
-from .bench import command as bench_command
 from .engine.rollback import max_draft_tokens
 from .errors import DownloadInterrupted, GemmaChatError
 
@@ -335,7 +334,51 @@ def models_command(
         _fail(err, str(e), debug)
 
 
-app.command("bench")(bench_command)
+def _acceptances(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(a) for a in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(0.0 <= a <= 1.0 for a in values):
+        raise typer.BadParameter("each acceptance is between 0 and 1")
+    return values
+
+
+@app.command("bench")
+def bench_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Alias, hub repo id or folder (the pair bench).")] = "demo",
+    drafter: Annotated[str, typer.Option(help="MTP drafter: 'auto', a hub repo id or a folder.")] = "auto",
+    shape: Annotated[str | None, typer.Option("--shape", help="Random weights with this Gemma 4 shape (e2b, e4b, 26b, 31b) and a drafter of simulated acceptance, instead of a loaded pair.")] = None,
+    acceptance: Annotated[str | None, typer.Option("--acceptance", help="With --shape: simulated acceptances, e.g. 0.6,0.8 (the default).")] = None,
+    layers: Annotated[int | None, typer.Option("--layers", min=2, help="With --shape: layers kept (default: as many as memory allows).")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", min=2, help="Tokens per run (pair: 128, 48 with --quick; shape: 64, 32 with --quick).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="One timed run per variant and shorter runs (pair: K swept on prose only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    png: Annotated[Path | None, typer.Option("--png", help="Pair bench: folder for the PNGs (default: . without --json).")] = None,
+    repeats: Annotated[int | None, typer.Option("--repeats", min=1, help="Timed runs per variant (1 with --quick, else 3; --moe-curve: 5 passes).")] = None,
+    moe: Annotated[bool, typer.Option("--moe-curve", help="Only the MoE verify cost curve: ours vs mlx-lm on a random 26B-A4B-core stack (no model is loaded).")] = False,
+    moe_layers: Annotated[int, typer.Option("--moe-layers", min=1, help="Layers of that stack (each ~3.2 GB fp32).")] = 4,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+):
+    """Measure plain vs MTP decoding against mlx-lm and mlx-vlm on the same weights: a loaded
+    pair on four workloads, or Gemma 4's real shapes with simulated acceptance (--shape)."""
+    from .tools.bench import run
+
+    acceptances = _acceptances(acceptance)
+    err = stderr_console()
+    try:
+        run(model=model, drafter=drafter, shape=shape, acceptances=acceptances,
+            layers=layers, max_tokens=max_tokens, quick=quick, repeats=repeats, as_json=as_json,
+            png=png, moe=moe, moe_layers=moe_layers, err=err)
+    except GemmaChatError as e:
+        _fail(err, str(e), debug)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as e:  # anything unexpected still gets one line unless --debug
+        _fail(err, f"{type(e).__name__}: {e}", debug)
 
 
 @app.command("train-drafter")
@@ -357,8 +400,8 @@ def train_drafter_command(
     debug: Annotated[bool, typer.Option("--debug")] = False,
 ):
     """Distil a Gemma 4 MTP drafter for a target on text: `--drafter OUT` then uses it."""
-    from .distill import train_drafter
     from .loading import resolve
+    from .tools.distill import train_drafter
 
     err = stderr_console()
     try:

@@ -1,67 +1,240 @@
-"""The benchmark's quick path on tiny checkpoints: every reported field is there and every run
-reproduces plain decoding. No timing is asserted (speed goals live in the benchmark, not here)."""
+"""The benchmark on tiny models: every run reproduces plain decoding, the simulated drafter's
+acceptance is what it was set to, the shapes keep the real layer pattern, and the reports hold
+sane figures. No timing is asserted (speed goals live in the benchmark, not here)."""
 
+import dataclasses
+import io
 import json
+import subprocess
+import sys
 
-from gemma_mtp_mlx import bench
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
 
-FIELDS = (
-    "plain_tokens_per_second",
-    "mtp_tokens_per_second",
-    "speedup",
-    "acceptance_rate",
-    "outputs_identical",
-    "mlx_lm_plain_tokens_per_second",
-    "peers",
-    "machine",
-    "acceptance_by_position",
-    "tokens_per_target_forward",
-    "peak_memory_bytes",
-    "never_hit",
-    "k_sweep",
-    "workloads",
-    "cost_curves",
-    "goals",
-)
+from gemma_mtp_mlx.cli import app
+from gemma_mtp_mlx.engine.context import Context
+from gemma_mtp_mlx.models.configs import FULL, SLIDING, TARGETS
+from gemma_mtp_mlx.models.gemma4 import Model, ModelArgs
+from gemma_mtp_mlx.tools import bench
+from gemma_mtp_mlx.tools.bench import costs, peers, shapes
+from gemma_mtp_mlx.tools.bench.measure import run_ours
+from gemma_mtp_mlx.tools.bench.pair_bench import run_bench
+from gemma_mtp_mlx.tools.bench.shape_bench import run_shape_bench
+from gemma_mtp_mlx.tools.bench.simulated import Proposals, SimulatedDrafter
+
+PROMPT = [2, 40, 77, 301, 12]
 
 
-def test_quick_bench_reports_every_field_with_identical_outputs(echo_pairs):
-    pair = echo_pairs[("dense", False)]
-    result = bench.run_bench(
-        pair, max_tokens=16, repeats=1, quick=True, ks=(1, 3), shapes=(), cost_reps=1
+def tiny_shape(name: str, layers: int) -> shapes.Shape:
+    """A real shape's first `layers` layers (pattern, KV sharing, PLE, MoE, k_eq_v, centroid
+    head) with tiny widths and a 512-token vocabulary."""
+    s = shapes.shape(name, layers, 512)
+    target = dict(
+        s.target, hidden_size=64, intermediate_size=96, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, global_head_dim=32, sliding_window=16,
+        max_position_embeddings=4096,
     )
-    json.dumps(result)  # JSON-ready as is
-    for key in FIELDS:
+    text = dict(
+        s.assistant["text_config"], hidden_size=32, intermediate_size=64, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, global_head_dim=32, sliding_window=16,
+    )
+    for config in (target, text):
+        if config.get("num_global_key_value_heads"):
+            config["num_global_key_value_heads"] = 1
+    if target.get("hidden_size_per_layer_input"):
+        target["hidden_size_per_layer_input"] = 8
+    if target.get("enable_moe_block"):
+        target.update(num_experts=8, top_k_experts=2, moe_intermediate_size=32)
+    assistant = dict(s.assistant, backbone_hidden_size=64, text_config=text)
+    if assistant["use_ordered_embeddings"]:
+        assistant.update(num_centroids=32, centroid_intermediate_top_k=4)
+    return shapes.Shape(name, target, assistant, s.note)
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs():
+    return {name: shapes.build(tiny_shape(name, 6)) for name in ("e2b", "26b")}
+
+
+# -- shapes ------------------------------------------------------------------------------------
+def test_kept_layers_keep_the_real_pattern_and_kv_sharing():
+    assert shapes.kept_layers("e2b", 35) == (TARGETS["e2b"]["layer_types"], 20)
+    types, shared = shapes.kept_layers("e2b", 10)
+    assert types == ([SLIDING] * 4 + [FULL]) * 2 and shared == 5
+    types, shared = shapes.kept_layers("e4b", 12)
+    assert types == ([SLIDING] * 5 + [FULL]) * 2 and shared == 5
+    # Two layers: a sliding and a full one, both keeping their own K/V for the drafter.
+    assert shapes.kept_layers("26b", 2) == ([SLIDING, FULL], 0)
+    assert shapes.kept_layers("e2b", 6) == ([SLIDING] * 4 + [FULL] * 2, 1)
+
+
+def test_fit_takes_fewer_layers_then_a_smaller_vocabulary_as_memory_shrinks():
+    full, _ = shapes.weight_bytes(shapes.shape("e2b", 35))
+    assert shapes.fit("e2b", None, 2 * full).layers == 35
+    small = shapes.fit("e2b", None, full // 3)
+    assert 2 <= small.layers < 35 and small.vocab == TARGETS["e2b"]["vocab_size"]
+    tiny = shapes.fit("31b", None, 6 * 2**30)  # two 31B layers need ~11 GB at the real vocabulary
+    assert tiny.vocab < TARGETS["31b"]["vocab_size"] and tiny.assistant["text_config"]["vocab_size"] == tiny.vocab
+    with pytest.raises(Exception, match="GiB"):
+        shapes.fit("26b", 4, 2**30)
+
+
+def test_step_bytes_count_the_head_and_only_the_experts_a_token_routes_to():
+    assert shapes.step_bytes(shapes.shape("e2b"))["lm_head"] == 262144 * 1536 * 4
+    moe = shapes.shape("26b", 2)
+    target = Model(ModelArgs.from_config(moe.target))  # not evaluated: nothing is allocated
+    total = sum(v.size * 4 for _, v in tree_flatten(target.parameters()))
+    read = shapes.step_bytes(moe)
+    experts = 2 * 128 * 3 * 2816 * 704 * 4
+    assert read["lm_head"] == 262144 * 2816 * 4
+    assert read["layers"] == total - read["lm_head"] - experts + experts * 8 // 128
+
+
+def test_tiny_shapes_decode_the_same_with_mlx_lm(tiny_pairs):
+    for name, pair in tiny_pairs.items():
+        args = pair.target.args
+        assert args.enable_moe_block == (name == "26b")
+        assert bool(args.hidden_size_per_layer_input) == (name == "e2b")
+        assert pair.drafter.args.use_ordered_embeddings == (name == "e2b")
+        ours = run_ours(pair, PROMPT, 24, mtp=False).tokens
+        assert len(set(ours)) > 4, "a random model that repeats one token routes every token alike"
+        twin = peers.mlx_lm_twin(pair.target)
+        assert peers.run_mlx_lm(twin, pair.tokenizer, PROMPT, 24).tokens == ours
+
+
+# -- the simulated drafter ---------------------------------------------------------------------
+def test_simulated_acceptance_is_what_was_set_and_output_stays_plain(tiny_pairs):
+    pair = tiny_pairs["e2b"]
+    plain = run_ours(pair, PROMPT, 300, mtp=False).tokens
+    for a, k, n in ((0.7, 3, 300), (0.0, 2, 60), (1.0, 4, 60)):
+        proposals = Proposals(PROMPT + plain, a, pair.target.args.vocab_size)
+        simulated = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
+        run = run_ours(simulated, PROMPT, n, mtp=True, k=k)
+        assert run.tokens == plain[:n]
+        # ~290 drafts reached at 0.7: 0.08 is three standard deviations.
+        assert abs(run.acceptance - a) < 0.08, (a, run.acceptance)
+        if a == 1.0:  # every drafting round but the last accepts all K
+            drafting = [r for r in run.rounds if r[0]]
+            assert all(r == (k, k) for r in drafting[:-1]) and len(drafting) > 5
+
+
+def test_the_simulated_proposal_depends_on_the_drafter_network(tiny_pairs):
+    """MLX computes only what an output depends on, and folds an argmax over one candidate into
+    a constant: the engine's pick (argmax over the candidate scores, mapped through the ids)
+    must still depend on the real drafter's layers and head."""
+    pair = tiny_pairs["e2b"]
+    ctx = Context(pair.target)
+    _, hidden, _ = ctx.prefill(PROMPT)
+    mx.eval(hidden, [(c.keys, c.values) for c in ctx.cache])
+    proposals = Proposals(PROMPT + [9] * 8, 1.0, pair.target.args.vocab_size)
+    simulated = SimulatedDrafter(pair.drafter, proposals)
+    kv = pair.target.drafter_kv(ctx.cache, simulated.sliding_window)
+    y, _ = simulated(pair.target.model.embed(mx.array([[PROMPT[-1]]])), hidden, kv)
+    ids, scores = simulated.candidate_logits(y[:, 0])
+    pick = mx.take_along_axis(ids, mx.argmax(scores, axis=-1)[:, None], axis=-1)
+    graph = io.StringIO()
+    mx.export_to_dot(graph, pick)
+    assert graph.getvalue().count('"Matmul"') >= 2 * len(pair.drafter.model.layers)
+    assert pick.item() == 9
+
+
+def test_mlx_vlm_meets_the_same_simulated_drafter(tiny_pairs):
+    pytest.importorskip("mlx_vlm")
+    pair = tiny_pairs["e2b"]  # the MoE shape meets it in the shape bench's test
+    plain = run_ours(pair, PROMPT, 200, mtp=False).tokens
+    proposals = Proposals(PROMPT + plain, 0.6, pair.target.args.vocab_size)
+    model = peers.vlm_target(pair.target, peers.eos_bias(pair.target, pair.tokenizer))
+    run = peers.run_mlx_vlm(model, peers.vlm_drafter(pair.drafter, proposals), PROMPT, 200, 4)
+    assert run.tokens == plain
+    assert abs(run.acceptance - 0.6) < 0.12, run.acceptance  # ~150 drafts reached: 2.5 sd
+
+
+def test_mlx_vlm_with_the_real_drafter_decodes_like_ours(echo_pairs):
+    """Its multimodal model and assistant hold our arrays; greedy MTP reproduces ours plain
+    (end of sequence masked the same way) for the PLE, MoE and dense k_eq_v shapes."""
+    pytest.importorskip("mlx_vlm")
+    for shape in ("e2b", "moe", "dense"):
+        pair = echo_pairs[(shape, shape == "e2b")]
+        ours = run_ours(pair, PROMPT, 40, mtp=False).tokens
+        model = peers.vlm_target(pair.target, peers.eos_bias(pair.target, pair.tokenizer))
+        run = peers.run_mlx_vlm(model, peers.vlm_drafter(pair.drafter), PROMPT, 40, 4)
+        assert run.tokens == ours, shape
+        assert run.accepted > 0, shape  # the echo drafter agrees when the target repeats
+
+
+# -- the reports -------------------------------------------------------------------------------
+def test_shape_bench_json_holds_every_row_with_sane_figures(tiny_pairs):
+    pair = tiny_pairs["26b"]
+    s = tiny_shape("26b", 6)
+    result = run_shape_bench(pair, s, [0.5, 0.9], max_tokens=24, repeats=1, cost_reps=1, prompt_tokens=16)
+    json.dumps(result)
+    for key in ("shape", "layers", "vocab", "machine", "plain_tps", "mlx_lm_tps", "outputs_identical", "rows"):
         assert key in result, key
+    assert result["shape"] == "26b" and result["layers"] == 6 and result["vocab"] == 512
+    assert result["step_bytes"]["full"]["lm_head"] == 262144 * 2816 * 4
     assert result["outputs_identical"] is True
-    assert result["peers"]["mlx_lm"]["outputs_identical"] is True
-    assert "mlx_vlm" in result["peers"]
+    assert "simulated" in result["simulated"]
+    variants = ["policy", "k1", "k2", "k3", "k4"]
+    if peers.mlx_vlm_missing() is None:
+        variants.append("mlx_vlm")
+    assert [(r["acceptance_target"], r["variant"]) for r in result["rows"]] == [
+        (a, v) for a in (0.5, 0.9) for v in variants
+    ]
+    plain = result["plain_tps"]
+    for r in result["rows"]:
+        assert r["identical"]
+        assert r["speedup"] == pytest.approx(r["tps"] / plain, rel=0.01)
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"], rel=0.01)
+        assert 0 <= r["acceptance"] <= 1 and r["tokens_per_forward"] >= 1
+        if r["variant"] == "k1":  # one draft: at most 2 tokens per forward
+            assert r["tokens_per_forward"] <= 2
+        if r["variant"] != "mlx_vlm" and "mlx_vlm" in variants:
+            assert r["vs_mlx_vlm"] > 0
+    ideal = {(r["acceptance_target"], r["variant"]): r["ideal"] for r in result["rows"]}
+    assert ideal[0.9, "k3"] > ideal[0.5, "k3"]  # more acceptance, more promised
+    assert ideal[0.5, "policy"] == max(ideal[0.5, v] for v in variants if v != "mlx_vlm")
+    assert set(result["goals"]) >= {"policy_efficiency", "vs_mlx_vlm", "plain_vs_mlx_lm"}
+
+
+def test_quick_pair_bench_reports_every_field_with_identical_outputs(echo_pairs):
+    pair = echo_pairs[("dense", False)]
+    result = run_bench(pair, max_tokens=16, repeats=1, quick=True, ks=(1, 3), cost_reps=1)
+    json.dumps(result)
+    assert result["outputs_identical"] is True
     assert set(result["workloads"]) == {"prose", "code", "structured", "long"}
-    long = result["workloads"]["long"]
-    assert long["prompt_tokens"] > pair.target.args.sliding_window
+    assert result["workloads"]["long"]["prompt_tokens"] > pair.target.args.sliding_window
     for w in result["workloads"].values():
-        assert w["outputs_identical"]
         assert w["plain"]["generated_tokens"] == w["mtp"]["generated_tokens"] == 16
         assert w["mlx_lm"]["identical_to_plain"]
-        assert w["plain"]["best_vs_plain"] == 1.0 and w["mtp"]["best_tokens_per_second"] > 0
+        for run in w.values():
+            if isinstance(run, dict) and "tokens_per_second" in run:
+                assert run["best_tokens_per_second"] >= run["tokens_per_second"]  # fastest vs median
+    prose = result["workloads"]["prose"]
     assert set(result["k_sweep"]) == {"1", "3"}
+    # The echo drafter agrees whenever the target repeats; fixed K always drafts.
+    assert result["k_sweep"]["1"]["acceptance_rate"] > 0 and prose["k1"]["acceptance"] > 0
     assert not result["never_hit"]["acceptance_rate"]  # 0, or None when it parked before drafting
-    # The echo drafter agrees whenever the target repeats (fixed K always drafts; the policy may
-    # park on this CPU, so its own acceptance depends on timing).
-    assert result["k_sweep"]["1"]["acceptance_rate"] > 0
-    assert {"plain", "mtp", "mlx_lm"} <= set(result["peak_memory_bytes"])
-    assert isinstance(result["machine"]["openblas_preload"], bool)
+    # The meter's baseline comes from rounds that drafted nothing: plain decoding has only those.
+    assert prose["plain"]["baseline_error"] > 0 and prose["plain"]["meter_speedup"] > 0
+    if peers.mlx_vlm_missing() is None:
+        assert prose["mlx_vlm"]["identical_to_plain"] and result["mlx_vlm_mtp_tokens_per_second"] > 0
     assert result["weights_bytes"]["drafter"] > 0
+    assert isinstance(result["machine"]["openblas_preload"], bool)
 
 
 def test_cost_curve_has_nine_ratios_relative_to_one_token(echo_pairs):
     pair = echo_pairs[("e2b", True)]
-    curve = bench.cost_curve(pair.target, pair.drafter, context=16, reps=1)
-    assert len(curve["ratios"]) == 9
-    assert curve["ratios"][0] == 1.0
+    curve = costs.cost_curve(pair.target, pair.drafter, context=16, reps=1)
+    assert len(curve["ratios"]) == 9 and curve["ratios"][0] == 1.0
     assert all(r > 0 for r in curve["ratios"])
     assert curve["drafter_step_ratio"]["dense_head"] > 0
     assert curve["drafter_step_ratio"]["centroid_head"] > 0
+    # Acceptance 0 promises a loss for every K; perfect acceptance more tokens per round.
+    assert costs.ideal_speedup(0, 0.5, curve, "dense_head") == 1.0
+    assert costs.ideal_speedup(2, 0.0, curve, "dense_head") < 1.0
+    assert costs.expected_tokens(3, 1.0) == 4 and costs.expected_tokens(2, 0.5) == 1.75
 
 
 def test_mlx_lm_twin_decodes_like_ours(pairs):
@@ -69,36 +242,50 @@ def test_mlx_lm_twin_decodes_like_ours(pairs):
     k_eq_v and per-layer-embedding shapes alike)."""
     for shape in ("e2b", "moe", "dense"):
         pair = pairs[(shape, False)]
-        twin = bench.mlx_lm_twin(pair.target)
-        prompt = [2, 40, 77, 301, 12]
-        ours = bench.run_ours(pair, prompt, 30, mtp=False).tokens
-        theirs = bench.run_mlx_lm(twin, pair.tokenizer, prompt, 30).tokens
-        assert theirs == ours, shape
+        twin = peers.mlx_lm_twin(pair.target)
+        ours = run_ours(pair, PROMPT, 30, mtp=False).tokens
+        assert peers.run_mlx_lm(twin, pair.tokenizer, PROMPT, 30).tokens == ours, shape
 
 
+def test_moe_curve_on_tiny_dims():
+    """`bench --moe-curve` with the dims shrunk: ours and mlx-lm's model on the same weights."""
+    config = costs.moe_config(
+        2, hidden_size=64, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+        intermediate_size=64, vocab_size=512, num_attention_heads=2, num_key_value_heads=1,
+        num_global_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=64,
+    )
+    result = costs.moe_curve(config, context=16, reps=1)
+    json.dumps(result)
+    assert result["tokens"] == list(range(1, 10))
+    for key in ("ours_ms", "mlx_lm_ms"):
+        assert len(result[key]) == 9 and all(ms > 0 for ms in result[key])
+    assert result["layers"] == 2
+
+
+# -- the command -------------------------------------------------------------------------------
 def test_command_line_quick_json(ckpt, capsys):
-    """`main` end to end through `load`, with a random (never agreeing) drafter."""
-    result = bench.main(
-        str(ckpt["dense"]), str(ckpt["dense-assistant"]), max_tokens=8, quick=True,
-        as_json=True, shapes=False,
+    """The pair bench end to end through `load`, with a random (never agreeing) drafter."""
+    result = bench.run(
+        model=str(ckpt["dense"]), drafter=str(ckpt["dense-assistant"]), max_tokens=8, quick=True,
+        as_json=True,
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed["outputs_identical"] is True
     assert printed["speedup"] == result["speedup"]
 
 
-def test_moe_curve_on_tiny_dims():
-    """`bench --moe-curve` with the dims shrunk: ours and mlx-lm's model on the same weights."""
-    config = bench.moe_config(
-        2, hidden_size=64, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
-        intermediate_size=64, vocab_size=512, num_attention_heads=2, num_key_value_heads=1,
-        num_global_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=64,
+def test_bench_options_are_checked_before_anything_loads():
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--shape", "e2b", "--acceptance", "0.6,1.5"])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["bench", "--shape", "e3b", "--layers", "2"])
+    assert result.exit_code == 1 and "unknown shape" in result.output
+
+
+def test_the_cli_imports_no_bench_and_no_distillation():
+    code = (
+        "import sys, gemma_mtp_mlx.cli; "
+        "print([m for m in sys.modules if m.startswith(('gemma_mtp_mlx.tools', 'mlx_vlm'))])"
     )
-    result = bench.moe_curve(config, context=16, reps=1)
-    json.dumps(result)
-    assert result["tokens"] == list(range(1, 10))
-    for key in ("ours_ms", "mlx_lm_ms"):
-        assert len(result[key]) == 9
-        assert all(ms > 0 for ms in result[key])
-    assert set(result["ratio_8_over_1"]) == {"ours", "mlx_lm"}
-    assert result["layers"] == 2
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

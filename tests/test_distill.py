@@ -10,7 +10,9 @@ import pytest
 
 from fixtures import tiny_checkpoints as tiny
 from gemma_mtp_mlx import load
-from gemma_mtp_mlx.distill import (
+from gemma_mtp_mlx.engine.context import Context
+from gemma_mtp_mlx.loading import load_drafter, load_target
+from gemma_mtp_mlx.tools.distill import (
     drafter_config,
     measure_acceptance,
     new_drafter,
@@ -18,8 +20,6 @@ from gemma_mtp_mlx.distill import (
     train_drafter,
     unrolled_logits,
 )
-from gemma_mtp_mlx.engine.context import Context
-from gemma_mtp_mlx.loading import load_drafter, load_target
 from tests.conftest import generated_ids
 
 SMALL = dict(

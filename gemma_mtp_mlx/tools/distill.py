@@ -64,10 +64,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import GemmaChatError
-from .models.assistant import Assistant, AssistantArgs, pairing_problems
-from .models.cache import KVView, window_mask
-from .models.gemma4 import FULL, SLIDING, Model, ModelArgs
+from ..errors import GemmaChatError
+from ..models.assistant import Assistant, AssistantArgs, pairing_problems
+from ..models.cache import KVView, window_mask
+from ..models.gemma4 import FULL, SLIDING, Model, ModelArgs
 
 __all__ = [
     "TeacherBatch",
@@ -312,7 +312,7 @@ def measure_acceptance(
 ) -> float:
     """Greedy acceptance rate (accepted drafts / drafted) of `pair.drafter` over `prompts`
     (strings, chat-templated unless `raw`, or token id lists), generating `max_tokens` each."""
-    from .engine.generate import generate
+    from ..engine.generate import generate
 
     drafted = accepted = 0
     for prompt in prompts:
@@ -488,7 +488,7 @@ def train_drafter(
     loss and accuracy (per depth, mean over the last `log_every` steps), held-out loss and
     accuracy, greedy acceptance on held-out prompts (with `acceptance_prompts` > 0), seconds
     and training tokens/s of this call."""
-    from .loading import Pair, load_target, load_tokenizer
+    from ..loading import Pair, load_target, load_tokenizer
 
     started = time.perf_counter()
     target_path, out = Path(target_path), Path(out)
