@@ -26,7 +26,7 @@ def test_greedy_speculative_equals_plain_past_the_window(echo_pairs, shape, cent
     plain, _ = ids_and_stats(pair, PROMPT, max_tokens=300, ignore_eos=True, mtp=False)
     assert len(plain) == 300
     depths = set()
-    for k in (1, 2, 3, 5, 8):
+    for k in (1, 3, 8):  # the shortest block, a typical one, the deepest rollback
         ids, stats = ids_and_stats(pair, PROMPT, max_tokens=300, ignore_eos=True, draft_tokens=k)
         assert ids == plain, f"K={k} diverged at {next(i for i, (a, b) in enumerate(zip(ids, plain)) if a != b)}"
         assert stats.drafted > 0
