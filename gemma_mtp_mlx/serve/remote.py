@@ -264,12 +264,13 @@ class RemoteTurn:
         self.text = ""
         self.thinking = ""
         self.thinking_tokens = 0
-        self.token_ids: list[int] | None = [] if session.kind in (OURS, VLLM) else None
+        self.token_ids: list[int] | None = None  # only when the server sends them
         self.finish_reason: str | None = None
         self.stats = RemoteStats()
         self._updates = None
         self._stream = None
         self._text_started = False  # leading blank lines are not shown, as in the local chat
+        self._settled = False  # the stream is over: what the server reported is all there is
 
     def __iter__(self):
         if self._updates is None:
@@ -302,7 +303,7 @@ class RemoteTurn:
                     yield update
         except openai.OpenAIError as e:
             raise remote_error(e, session.url, "the answer") from None
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):  # closed, or Ctrl-C: the partial answer stays
             self.finish_reason = self.finish_reason or "interrupted"
             raise
         finally:
@@ -333,13 +334,13 @@ class RemoteTurn:
         if not (text or thinking or ids):
             return None
         now, stats = clock(), self.stats
-        if self.token_ids is not None:
-            self.token_ids += ids
+        if ids:
+            self.token_ids = (self.token_ids or []) + ids
             stats.generated_tokens = len(self.token_ids)
         if stats.first_at is None:
             stats.first_at = now
             # A server that streams no ids sends one token per chunk: the first is one token.
-            stats.first_tokens = len(ids) if self.token_ids is not None else 1
+            stats.first_tokens = len(ids) or 1
         stats.last_at = now
         self.text += text
         self.thinking += thinking
@@ -357,6 +358,7 @@ class RemoteTurn:
             stats.server = ServerFigures.from_usage(spec)
 
     def _settle(self, before: SpecCounters | None) -> None:
+        self._settled = True
         if before is not None:
             after = self.session.spec_counters()
             if after is not None:
@@ -389,7 +391,7 @@ class RemoteTurn:
         """The REPL's meter line for this answer."""
         tps = self.stats.tokens_per_second
         parts = [f"{tps:.1f} tok/s measured here" if tps else "– tok/s"]
-        if self.finish_reason is not None or self.stats.server is not None:
+        if self._settled or self.stats.server is not None:
             parts += self._figures()
         if self.thinking_tokens:
             parts.append(f"thinking {self.thinking_tokens} tok")

@@ -187,19 +187,22 @@ class Scheduler:
 
     def _admit(self, job: Job, running: dict[Stream, Job]) -> None:
         s = job.sampling
-        sampler, stop = make_sampler(
-            self.pair,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            seed=s.seed,
-            ignore_eos=s.ignore_eos,
-        )
         try:
+            sampler, stop = make_sampler(
+                self.pair,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                seed=s.seed,
+                ignore_eos=s.ignore_eos,
+            )
             emitted = self.decoder.add(job.prompt, sampler, max_tokens=job.max_tokens, stop=stop)
         except GemmaChatError as e:  # this prompt cannot run; the others go on
             job.deliver(Event([], error=str(e)))
             return
+        except Exception:  # the engine failed: this job is told, the caller resets the rest
+            job.deliver(Event([], error="the engine failed on this prompt"))
+            raise
         self._hand(emitted, job, running)
 
     def _hand(self, emitted: Emitted, job: Job, running: dict[Stream, Job]) -> None:
