@@ -159,13 +159,14 @@ class Api:
     async def completions(self, request: Request) -> Response:
         req = parse(CompletionRequest, await _json(request))
         self._check_model(req.model)
-        if isinstance(req.prompt, str):
-            prompt = list(self.tokenizer.encode(req.prompt))  # with the tokenizer's BOS rule
+        given = req.single_prompt()
+        if isinstance(given, str):
+            prompt = list(self.tokenizer.encode(given))  # with the tokenizer's BOS rule, as --raw
         else:
             vocab = self.pair.target.args.vocab_size
-            if any(not 0 <= t < vocab for t in req.prompt):
+            if any(not 0 <= t < vocab for t in given):
                 raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
-            prompt = list(req.prompt)
+            prompt = list(given)
         return await self._answer(request, req, prompt, "text_completion")
 
     # -- one answer --------------------------------------------------------------------------
@@ -191,11 +192,7 @@ class Api:
             ) from None
         reply = Reply(self, req, kind, prompt, AnswerText(self.tokenizer, stops))
         if req.stream:
-            return StreamingResponse(
-                reply.events(job),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+            return EventStream(reply.events(job), lambda: self.scheduler.close(job))
         return await reply.whole(job, request)
 
     def _max_tokens(self, req, prompt_tokens: int) -> int:
@@ -230,6 +227,22 @@ class Api:
             "max_model_len": self.context_limit,
             "mtp": self.mtp,
         }
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that close their job however the response ends. When the client goes
+    away, Starlette cancels the streaming task, possibly before the event generator has even
+    started (its own `finally` would then never run)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 class Reply:
@@ -302,8 +315,7 @@ class Reply:
         return body
 
     async def events(self, job: Job) -> AsyncIterator[str]:
-        """Server-sent events; when the client goes away Starlette cancels this mid-await and
-        `finally` frees the row."""
+        """Server-sent events (the `EventStream` around them closes the job)."""
         chunk_kind = "chat.completion.chunk" if self.kind == "chat.completion" else self.kind
         tokens, last = 0, None
         try:
@@ -332,8 +344,6 @@ class Reply:
             yield "data: [DONE]\n\n"
         except ApiError as e:  # headers are sent: the error travels as an event
             yield _sse(e.body())
-        finally:
-            self.api.scheduler.close(job)
 
     # -- OpenAI objects ----------------------------------------------------------------------
     def _delta(self, delta: dict, finish_reason: str | None = None) -> dict:

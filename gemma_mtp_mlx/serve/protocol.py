@@ -27,13 +27,11 @@ class ApiError(Exception):
         code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type,
-            param,
-            code,
-        )
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
 
     def body(self) -> dict:
         return {
@@ -166,16 +164,22 @@ class CompletionRequest(_Request):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if isinstance(self.prompt, list) and any(isinstance(p, str) for p in self.prompt):
+        if self.prompt and isinstance(self.prompt, list) and isinstance(self.prompt[0], str):
             if len(self.prompt) != 1:
                 raise unsupported("prompt", "one prompt per request")
-            self.prompt = self.prompt[0]
         if self.echo:
             raise unsupported("echo", "echo is not supported")
         if self.suffix:
             raise unsupported("suffix", "suffix is not supported")
         if self.best_of not in (None, 1):
             raise unsupported("best_of", "best_of is not supported")
+
+
+    def single_prompt(self) -> str | list[int]:
+        """The text, or the token ids, of the one prompt."""
+        if self.prompt and isinstance(self.prompt, list) and isinstance(self.prompt[0], str):
+            return self.prompt[0]
+        return self.prompt
 
 
 def unsupported(param: str, message: str) -> ApiError:

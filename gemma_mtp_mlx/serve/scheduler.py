@@ -102,8 +102,10 @@ class Scheduler:
         self.draft_tokens = draft_tokens
         self.decoder = Decoder(pair, mtp=mtp, draft_tokens=draft_tokens)  # checks draft_tokens now
         self.open = 0  # jobs submitted and not closed yet (touched on the loop's thread only)
-        self.running = 0  # answers being decoded, and jobs waiting for a slot: written by the
-        self.waiting = 0  # decoding thread, read by /health
+        # Answers being decoded and jobs waiting for a slot, for /health: written by the decoding
+        # thread before it hands out the tokens that follow each change.
+        self.running = 0
+        self.waiting = 0
         self._inbox: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="gemma-chat-decoder", daemon=True)
 
@@ -144,29 +146,25 @@ class Scheduler:
         while True:
             for op, job in self._commands(block=not waiting and not running):
                 if op == "stop":
-                    for j in [*waiting, *running.values()]:
-                        j.deliver(Event([], error="the server is shutting down"))
+                    for left in [*waiting, *running.values()]:
+                        left.deliver(Event([], error="the server is shutting down"))
                     self.decoder.close()
                     return
                 if op == "add":
                     waiting.append(job)
-                elif job in waiting:
-                    waiting.remove(job)
                 else:
-                    stream = next((s for s, j in running.items() if j is job), None)
-                    if stream is not None:
-                        self.decoder.remove(stream)
-                        del running[stream]
+                    self._cancel(job, waiting, running)
+            self.running, self.waiting = len(running), len(waiting)
             try:
                 while waiting and len(running) < self.batch:
-                    self._admit(waiting.popleft(), running)
-                self.running, self.waiting = len(running), len(waiting)
+                    job = waiting.popleft()
+                    self.waiting = len(waiting)
+                    self._admit(job, running)
                 if running:
                     for job in running.values():
                         job.rows_together = max(job.rows_together, len(running))
                     for emitted in self.decoder.step():
                         self._hand(emitted, running[emitted.stream], running)
-                self.running = len(running)
             except Exception:  # an engine failure: the answers under way cannot go on
                 log.exception("decoding failed; the answers under way are dropped")
                 for job in running.values():
@@ -184,6 +182,15 @@ class Scheduler:
         except queue.Empty:
             pass
         return out
+
+    def _cancel(self, job: Job, waiting: deque[Job], running: dict[Stream, Job]) -> None:
+        if job in waiting:
+            waiting.remove(job)
+            return
+        stream = next((s for s, j in running.items() if j is job), None)
+        if stream is not None:  # None: it finished before its reader left
+            self.decoder.remove(stream)
+            del running[stream]
 
     def _admit(self, job: Job, running: dict[Stream, Job]) -> None:
         s = job.sampling
@@ -210,5 +217,6 @@ class Scheduler:
             running.pop(emitted.stream, None)
         else:
             running[emitted.stream] = job
+        self.running = len(running)
         stats = emitted.stream.stats.as_dict()
         job.deliver(Event(emitted.tokens, emitted.finish_reason, stats, job.rows_together))
