@@ -9,11 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest, make_asgi_app
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
 
 from fixtures import tiny_checkpoints as tc
 from fixtures.servers import free_port, mlx_lm_server, serving
@@ -135,8 +138,7 @@ def test_endpoint_failures_are_one_line(ours):
     assert "--api-key-env needs --endpoint" in one_line_error(gemma("--api-key-env", "X", "-p", "hi"))
 
 
-def test_vllm_spec_decode_counters():
-    registry = CollectorRegistry()
+def vllm_counters(registry: CollectorRegistry):
     labels = ["model_name", "engine"]
     counters = {
         name: Counter(f"vllm:spec_decode_num_{name}", name, labels, registry=registry)
@@ -149,10 +151,17 @@ def test_vllm_spec_decode_counters():
             counters["drafts"].labels("g", engine).inc(drafts)
             counters["draft_tokens"].labels("g", engine).inc(drafted)
             counters["accepted_tokens"].labels("g", engine).inc(accepted)
-        return spec_counters(generate_latest(registry).decode())
 
-    before = run(10, 40, 20)
-    after = run(5, 20, 15)
+    return run
+
+
+def test_vllm_spec_decode_counters():
+    registry = CollectorRegistry()
+    run = vllm_counters(registry)
+    run(10, 40, 20)
+    before = spec_counters(generate_latest(registry).decode())
+    run(5, 20, 15)
+    after = spec_counters(generate_latest(registry).decode())
     assert (before.drafts, before.drafted, before.accepted) == (20, 80, 40)
     figures = ServerFigures.from_vllm(after - before)
     assert (figures.drafted, figures.accepted) == (40, 30)
@@ -165,3 +174,26 @@ def test_vllm_spec_decode_counters():
 def test_api_base():
     assert api_base("http://gpu-box:8000") == "http://gpu-box:8000/v1"
     assert api_base("http://localhost:11434/v1/") == "http://localhost:11434/v1"
+
+
+def test_a_vllm_server_is_recognised_and_its_metrics_page_read():
+    """A server whose models say `owned_by: vllm`, with its counters served over HTTP by
+    prometheus_client's own exporter (what vLLM serves /metrics with)."""
+    registry = CollectorRegistry()
+    run = vllm_counters(registry)
+    models = {"object": "list", "data": [{"id": "g", "object": "model", "owned_by": "vllm", "max_model_len": 8192}]}
+    app = Starlette(
+        routes=[
+            Route("/v1/models", lambda request: JSONResponse(models)),
+            Mount("/metrics", make_asgi_app(registry)),
+        ]
+    )
+    with serving(app) as url:
+        session = RemoteSession(url + "/v1", Settings(ignore_eos=True, top_k=5))
+        assert session.model_name == "g" and session.context_limit == 8192
+        assert session.request_options()["extra_body"] == {"top_k": 5, "return_token_ids": True, "ignore_eos": True}
+        run(3, 12, 9)
+        before = session.spec_counters()
+        run(4, 16, 8)
+        figures = ServerFigures.from_vllm(session.spec_counters() - before)
+    assert (figures.drafted, figures.accepted, figures.mean_accepted_length) == (32, 16, 3.0)
