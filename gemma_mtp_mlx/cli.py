@@ -1,5 +1,6 @@
 """The `gemma-chat` command: one-shot answers (`--prompt`, or `--prompt-file` with `--batch`),
-scripted and interactive chat, and the `models`, `doctor`, `bench` and `train-drafter`
+scripted and interactive chat (with a local model, or `--endpoint URL` against an
+OpenAI-compatible server), and the `serve`, `models`, `doctor`, `bench` and `train-drafter`
 subcommands.
 
 Answers go to stdout; progress, warnings and statistics to stderr. Failures print one line
@@ -53,7 +54,7 @@ def main_command(
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Answer this and exit ('-' reads stdin).")] = None,
     prompt_file: Annotated[str | None, typer.Option("--prompt-file", help="Answer each line of this file ('-': stdin) on its own, one answer per line.")] = None,
     batch: Annotated[int | None, typer.Option("--batch", "-b", min=1, help="With --prompt-file: prompts answered at once (default 1).")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Alias (e2b, e4b, 26b, 31b, demo), hub repo id or folder. Default: e4b, or e2b where e4b does not fit.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Alias (e2b, e4b, 26b, 31b, demo), hub repo id or folder. Default: e4b, or e2b where e4b does not fit. With --endpoint, the server's model name (default: the one it serves).")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="An alias's published weights: 4bit (default), 8bit or bf16.")] = None,
     max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help="Refuse models that need more (12G, 800M, 60%). Default: 75% of memory.")] = None,
     drafter: Annotated[str, typer.Option(help="MTP drafter: 'auto', a hub repo id or a folder.")] = "auto",
@@ -69,6 +70,8 @@ def main_command(
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: encode the text as is.")] = False,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Run to --max-tokens.")] = False,
     quantize: Annotated[int | None, typer.Option("--quantize", help="Quantise the target at load: 4 or 8.")] = None,
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Chat with the model of this OpenAI-compatible server (gemma-chat serve, mlx_lm.server, Ollama, vLLM) instead of a local one.")] = None,
+    api_key_env: Annotated[str | None, typer.Option("--api-key-env", help="With --endpoint: the environment variable that holds the server's API key.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per answer.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
@@ -109,11 +112,28 @@ def main_command(
                 raise GemmaChatError("the prompt is empty")
         limit = check_load_options(model, precision, quantize, max_memory, draft_tokens)
         texts = read_prompts(prompt_file) if prompt_file is not None else None
-        model, pair = _load(err, model, None if no_mtp else drafter, precision, quantize, limit)
-        if pair.drafter is None and not no_mtp:
-            why = f" ({pair.drafter_note})" if pair.drafter_note else ""
-            err.print(f"warning: no MTP drafter for {model}{why}: plain decoding", style="yellow")
-        session = Session(pair, settings, system=system, model_name=model)
+        if endpoint is not None:
+            local_only = {
+                "--drafter": drafter != "auto",
+                "--no-mtp": no_mtp,
+                "--draft-tokens": draft_tokens is not None,
+                "--quantize": quantize is not None,
+                "--precision": precision is not None,
+                "--max-memory": max_memory is not None,
+                "--prompt-file": prompt_file is not None,
+            }
+            given = [flag for flag, used in local_only.items() if used]
+            if given:
+                raise GemmaChatError(f"{given[0]} is for a local model; with --endpoint the server decides")
+            session = _remote_session(endpoint, api_key_env, settings, model=model, system=system)
+        else:
+            if api_key_env is not None:
+                raise GemmaChatError("--api-key-env needs --endpoint")
+            model, pair = _load(err, model, None if no_mtp else drafter, precision, quantize, limit)
+            if pair.drafter is None and not no_mtp:
+                why = f" ({pair.drafter_note})" if pair.drafter_note else ""
+                err.print(f"warning: no MTP drafter for {model}{why}: plain decoding", style="yellow")
+            session = Session(pair, settings, system=system, model_name=model)
         if texts is not None:
             if not answer_file(session, texts, batch=batch or 1, raw=raw, as_json=as_json, err=err):
                 raise typer.Exit(1)
@@ -127,13 +147,10 @@ def main_command(
             raise typer.Exit(1)
     except GemmaChatError as e:
         _fail(err, str(e), debug)
+    except DownloadInterrupted as e:
+        _download_interrupted(err, e)
     except KeyboardInterrupt as e:
         err.print(str(e) or "interrupted")
-        if isinstance(e, DownloadInterrupted):
-            # huggingface_hub's download threads would finish their files before the
-            # interpreter could exit; what they wrote stays in the cache for the next run.
-            sys.stderr.flush()
-            os._exit(130)
         raise typer.Exit(130) from None
     except BrokenPipeError:
         _quiet_broken_pipe()
@@ -152,6 +169,14 @@ def _fail(err: Console, message: str, debug: bool):
         err.print_exception()
     err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(1)
+
+
+def _download_interrupted(err: Console, e: DownloadInterrupted):
+    err.print(str(e))
+    # huggingface_hub's download threads would finish their files before the interpreter
+    # could exit; what they wrote stays in the cache for the next run.
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _quiet_broken_pipe():
@@ -226,6 +251,17 @@ def _blas_hint_once(err: Console) -> None:
         pass  # a read-only home: the note comes again next time, nothing worse
 
 
+def _remote_session(url: str, key_env: str | None, settings, *, model: str | None, system: str | None):
+    from .serve.remote import RemoteSession
+
+    key = None
+    if key_env is not None:
+        key = os.environ.get(key_env)
+        if not key:
+            raise GemmaChatError(f"--api-key-env: the environment variable {key_env} is not set")
+    return RemoteSession(url, settings, model=model, api_key=key, system=system)
+
+
 def one_shot(session: Session, text: str, *, raw: bool, as_json: bool, err: Console) -> None:
     """One answer on stdout; notes and the stats line on stderr."""
     turn = session.complete(text) if raw else session.ask(text)
@@ -289,6 +325,8 @@ def answer_json(turn: Turn) -> dict:
 
 
 def summary_line(turn: Turn) -> str:
+    if hasattr(turn, "summary"):  # answered by a server (serve/remote.py): its own figures
+        return turn.summary()
     stats = turn.stats
     parts = [f"{stats.generated_tokens} tokens"]
     if turn.thinking_tokens:
@@ -308,6 +346,60 @@ def summary_line(turn: Turn) -> str:
             parts.append("plain baseline not measured (answer too short)")
     parts.append(f"prompt {stats.prompt_tokens} tokens")
     return " · ".join(parts)
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Alias, hub repo id or folder; clients ask for it by this name. Default: e4b, or e2b where e4b does not fit.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="An alias's published weights: 4bit (default), 8bit or bf16.")] = None,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help="Refuse models that need more (12G, 800M, 60%). Default: 75% of memory.")] = None,
+    drafter: Annotated[str, typer.Option(help="MTP drafter: 'auto', a hub repo id or a folder.")] = "auto",
+    no_mtp: Annotated[bool, typer.Option("--no-mtp", help="Plain decoding with the target alone.")] = False,
+    draft_tokens: Annotated[int | None, typer.Option("--draft-tokens", "-k", min=0, help="Drafts per round (default: chosen per round from measured costs).")] = None,
+    quantize: Annotated[int | None, typer.Option("--quantize", help="Quantise the target at load: 4 or 8.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network this machine is on).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8080,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Requests answered together (one target forward verifies them all); more wait in line.")] = 4,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a slot; more get 429.")] = 32,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Answer length for requests that set none.")] = 512,
+    max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", min=1024, help="Larger request bodies get 413.")] = 1 << 20,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+):
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
+    on this engine, with MTP and batched decoding."""
+    err = stderr_console()
+    try:
+        from .serve.app import ServeOptions
+        from .serve.server import is_loopback, listen, run_server
+
+        options = ServeOptions(
+            batch=batch,
+            queue=max_queue,
+            max_request_bytes=max_request_bytes,
+            max_tokens=max_tokens,
+            mtp=not no_mtp,
+            draft_tokens=draft_tokens,
+        )
+        limit = check_load_options(model, precision, quantize, max_memory, draft_tokens)
+        model, pair = _load(err, model, None if no_mtp else drafter, precision, quantize, limit)
+        if not is_loopback(host):
+            err.print(
+                f"warning: --host {host} opens the server beyond this machine: anyone who can reach it can use the model (no authentication)",
+                style="yellow",
+            )
+        sock = listen(host, port)
+        mtp = "MTP on" if pair.drafter is not None and not no_mtp else "MTP off"
+        port = sock.getsockname()[1]
+        err.print(f"serving {model} ({mtp}, batch {batch}) at http://{host}:{port}/v1")
+        run_server(pair, model, sock, options)
+    except GemmaChatError as e:
+        _fail(err, str(e), debug)
+    except DownloadInterrupted as e:
+        _download_interrupted(err, e)
+    except KeyboardInterrupt:  # uvicorn has shut down gracefully, then passes Ctrl-C on
+        raise typer.Exit(130) from None
+    except Exception as e:
+        _fail(err, f"{type(e).__name__}: {e}", debug)
 
 
 @app.command()

@@ -428,8 +428,31 @@ def build_target(path: Path, *, quantize: int | None = None) -> Model:
 
 def load_target(path: Path, *, quantize: int | None = None) -> Model:
     model = build_target(path, quantize=quantize)
-    mx.eval(model.parameters())
+    mx.eval(every_array(model))
     return model
+
+
+def every_array(module) -> list[mx.array]:
+    """Every array a model holds: its parameters and private ones (RoPE frequencies are
+    computed lazily at construction). Evaluating them all at load leaves nothing lazy behind:
+    MLX binds a lazy array to the streams of the thread that built it, so a model with lazy
+    arrays could not run in another thread (the server decodes in one of its own)."""
+    arrays, seen = [], set()
+
+    def walk(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, mx.array):
+            arrays.append(obj)
+        elif isinstance(obj, dict | list | tuple):
+            for value in obj.values() if isinstance(obj, dict) else obj:
+                walk(value)
+        if hasattr(obj, "__dict__"):  # an MLX Module is a dict with private attributes besides
+            walk(vars(obj))
+
+    walk(module)
+    return arrays
 
 
 def build_drafter(path: Path, target: Model) -> Assistant:
@@ -450,7 +473,7 @@ def build_drafter(path: Path, target: Model) -> Assistant:
 
 def load_drafter(path: Path, target: Model) -> Assistant:
     drafter = build_drafter(path, target)
-    mx.eval(drafter.parameters())
+    mx.eval(every_array(drafter))
     return drafter
 
 

@@ -205,7 +205,8 @@ class Repl:
             self.session.mtp_state(),
             f"thinking {_on(s.settings.think)}",
         ]
-        parts.append(f"context {s.context_limit:,} tokens")
+        if s.context_limit:  # a server (--endpoint) may not say
+            parts.append(f"context {s.context_limit:,} tokens")
         self.console.print(Text(" · ".join(parts), style="bold"))
         self.console.print(Text(f"{KEYS_HELP} · /help lists commands", style="dim"))
 
@@ -252,6 +253,8 @@ class Repl:
             view.finish(turn.stats, note)
 
     def _meter(self, turn: Turn, stats) -> Text:
+        if hasattr(turn, "meter"):  # answered by a server (serve/remote.py): its own figures
+            return turn.meter()
         return meter_text(
             stats,
             mtp=turn.used_mtp,
@@ -312,6 +315,11 @@ class Repl:
             return
         st = turn.stats
         table = Table.grid(padding=(0, 2))
+        if hasattr(turn, "stats_rows"):  # answered by a server (serve/remote.py): its own figures
+            for key, value in turn.stats_rows():
+                table.add_row(Text(key, style="dim"), value)
+            self.console.print(table)
+            return
         rows = [
             (
                 "answer",
