@@ -4,7 +4,7 @@ real rounds (synthetic figures here), and what the decoder times, under a contro
 import pytest
 
 from gemma_mtp_mlx import generate
-from gemma_mtp_mlx.engine import decode, speculative
+from gemma_mtp_mlx.engine import decode
 from gemma_mtp_mlx.engine.costs import RowCosts, measurements_for
 from gemma_mtp_mlx.engine.decode import BASELINE_DRIFT, BASELINE_STEPS
 from gemma_mtp_mlx.engine.policy import PARKED_PROBE_START, DraftPolicy, expected_tokens
@@ -12,8 +12,8 @@ from gemma_mtp_mlx.engine.policy import PARKED_PROBE_START, DraftPolicy, expecte
 PROMPT = [2, 40, 77, 301, 12]
 
 
-def measured(plain: float, draft_step: float, rest: dict[int, float]) -> RowCosts:
-    return RowCosts(plain=plain, draft_step=draft_step, rest=dict(rest), plain_context=0)
+def measured(plain: float, rounds: dict[int, float]) -> RowCosts:
+    return RowCosts(plain=plain, rounds=dict(rounds), plain_context=0)
 
 
 def test_expected_tokens():
@@ -25,21 +25,22 @@ def test_costs_interpolate_extrapolate_and_start_from_priors():
     costs = RowCosts()
     costs.observe_plain(1.0, context=10)
     assert costs.round_seconds(0) == 1.0
-    assert costs.round_seconds(2) == pytest.approx(2 * 0.2 + 1.1 + 2 * 0.05)  # priors only
-    costs.observe_round(2, draft_seconds=0.8, seconds=3.0)
-    assert costs.draft_step == pytest.approx(0.4) and costs.rest == {2: pytest.approx(2.2)}
+    assert costs.round_seconds(2) == pytest.approx(1.2 + 2 * 0.25)  # priors only
+    costs.observe_round(2, 3.0)
     assert costs.round_seconds(2) == pytest.approx(3.0)
-    assert costs.round_seconds(4) == pytest.approx(1.6 + 2.2 + 2 * 0.05)  # prior slope
-    costs.observe_round(4, draft_seconds=1.6, seconds=4.0)
-    assert costs.round_seconds(3) == pytest.approx(1.2 + 2.3)  # between the two measured
-    assert costs.round_seconds(6) == pytest.approx(2.4 + 2.6)  # their slope, onwards
-    assert costs.round_seconds(1) == pytest.approx(0.4 + 2.1)
-    costs.observe_plain(2.0, context=20)  # a decayed average that follows the context
+    assert costs.round_seconds(4) == pytest.approx(3.0 + 2 * 0.25)  # prior slope
+    costs.observe_round(4, 4.0)
+    assert costs.round_seconds(3) == pytest.approx(3.5)  # between the two measured
+    assert costs.round_seconds(6) == pytest.approx(5.0)  # their slope, onwards
+    assert costs.round_seconds(1) == pytest.approx(2.5)
+    costs.observe_round(4, 6.0)  # a decayed average: the past weighs 0.8
+    assert costs.round_seconds(4) == pytest.approx(4.4)
+    costs.observe_plain(2.0, context=20)  # the plain step follows the context too
     assert 1.0 < costs.plain < 2.0 and costs.plain_context == 20
 
 
 def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
-    costs = measured(1.0, 0.02, {k: 1.0 + 0.05 * k for k in range(1, 5)})
+    costs = measured(1.0, {k: 1.0 + 0.07 * k for k in range(1, 5)})
     policy = DraftPolicy(max_draft=4)
     for _ in range(30):
         policy.observe(4, 4)
@@ -48,7 +49,7 @@ def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
 
 
 def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
-    costs = measured(1.0, 0.2, {1: 1.4, 2: 1.8})
+    costs = measured(1.0, {1: 1.6, 2: 2.0})
     policy = DraftPolicy(max_draft=2)
     for _ in range(30):
         policy.observe(1, 0)
@@ -62,17 +63,17 @@ def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
 def test_policy_follows_what_rounds_really_cost():
     """Drafting 2 that are always accepted wins at 1.2 s a round (3 tokens against 1 per 1.0 s
     plain step); rounds that really take 3.6 s make it park, and cheap ones unpark it."""
-    costs = measured(1.0, 0.1, {2: 1.0})
+    costs = measured(1.0, {2: 1.2})
     policy = DraftPolicy(max_draft=2)
     for _ in range(30):
         policy.observe(2, 2)
     assert policy.choose(costs, limit=2) == 2
     for _ in range(30):
-        costs.observe_round(2, draft_seconds=0.2, seconds=3.6)
-        costs.observe_round(1, draft_seconds=0.1, seconds=2.5)
+        costs.observe_round(2, 3.6)
+        costs.observe_round(1, 2.6)
     assert policy.best(costs) == 0
     for _ in range(30):
-        costs.observe_round(2, draft_seconds=0.2, seconds=1.2)
+        costs.observe_round(2, 1.2)
     assert policy.best(costs) == 2
 
 
@@ -92,7 +93,6 @@ class Clock:
 def clock(monkeypatch):
     c = Clock()
     monkeypatch.setattr(decode, "clock", c)
-    monkeypatch.setattr(speculative, "clock", c)
     return c
 
 
@@ -136,7 +136,7 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     stats = chunks[-1].stats
     assert stats.baseline_steps == BASELINE_STEPS
     costs = measurements_for(pair.target, pair.drafter).rows(1)
-    assert costs.plain == pytest.approx(0.05, rel=0.2) and 3 in costs.rest
+    assert costs.plain == pytest.approx(0.05, rel=0.2) and 3 in costs.rounds
     # The next answer at about the same context measures nothing again: it drafts at once,
     # and its baseline is the one measured before it.
     again = read(clock, generate(pair, PROMPT, max_tokens=20, ignore_eos=True, draft_tokens=3), 0.05)

@@ -352,7 +352,7 @@ class Repl:
             rows.append(("acceptance", "– (nothing drafted)"))
         if st.mean_accepted_length:
             rows.append(("per forward", f"{st.mean_accepted_length:.2f} tokens"))
-        rows.append(("time", f"draft {st.draft_seconds:.2f} s, verify {st.verify_seconds:.2f} s"))
+        rows.append(("time", f"prefill {st.prefill_seconds:.2f} s, decode {st.decode_seconds:.2f} s"))
         rows.append(("peak memory", f"{st.peak_memory_bytes / 2**20:,.0f} MiB"))
         for key, value in rows:
             table.add_row(Text(key, style="dim"), value)

@@ -8,22 +8,27 @@ plain decoding pays per token and a speculative round per round).
 Per number of rows decoded together (B):
 - `plain`: a step of the pipelined plain loop in steady state (engine/plain.py). It is the
   baseline behind the speedup meter and what the draft policy must beat.
-- `draft_step`: one drafter step, from the draft part of each round (divided by K).
-- `rest[K]`: the rest of a round with K drafts: verifying K + 1 tokens, accepting, committing,
-  and the reader's work. Draft lengths not run yet are interpolated between those run, or
-  extrapolated with a modest slope (a verify is memory-bound on a Mac: one more token costs
-  little), which is optimistic on purpose: the policy then tries the longer round and learns
-  what it costs.
-All are exponentially decayed averages, so they follow the context as it grows.
+- `rounds[K]`: a speculative round with K drafts: drafting, verifying K + 1 tokens, accepting,
+  committing, and the reader's work.
+Draft lengths not run yet are interpolated between those run, or extrapolated along the slope
+of the nearest two; with one run so far, a modest slope (a draft step and one more verified
+token: memory-bound on a Mac, a fraction of a plain step) that is optimistic on purpose: the
+policy then tries the longer round and learns what it costs. All are exponentially decayed
+averages, so they follow the context as it grows.
+
+Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
+evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
+verify pass queued behind them.
 """
 
 import weakref
 from dataclasses import dataclass, field
 
 DECAY = 0.8  # weight of the past in each running average
-# Before a drafting round has run: a drafter step costs a fifth of a plain step, and a round's
-# rest costs a plain step plus a tenth, and 5 % more per draft (memory-bound verify).
-PRIOR_DRAFT_STEP, PRIOR_REST, PRIOR_SLOPE = 0.2, 1.1, 0.05
+# Before any drafting round has run, a round of K drafts is taken to cost a plain step and a
+# fifth (the verify pass and accepting, which the pipelined plain step hides), plus a quarter
+# of a plain step per draft (a drafter step and one more verified token).
+PRIOR_ROUND, PRIOR_PER_DRAFT = 1.2, 0.25
 
 
 def _average(old: float | None, new: float) -> float:
@@ -33,42 +38,36 @@ def _average(old: float | None, new: float) -> float:
 @dataclass
 class RowCosts:
     plain: float | None = None
-    draft_step: float | None = None
-    rest: dict[int, float] = field(default_factory=dict)
+    rounds: dict[int, float] = field(default_factory=dict)
     plain_context: int | None = None  # context length at the latest plain step
 
     def observe_plain(self, seconds: float, context: int) -> None:
         self.plain = _average(self.plain, seconds)
         self.plain_context = context
 
-    def observe_round(self, k: int, draft_seconds: float, seconds: float) -> None:
-        self.draft_step = _average(self.draft_step, draft_seconds / k)
-        self.rest[k] = _average(self.rest.get(k), seconds - draft_seconds)
+    def observe_round(self, k: int, seconds: float) -> None:
+        self.rounds[k] = _average(self.rounds.get(k), seconds)
 
     def round_seconds(self, k: int) -> float:
         """Expected wall time of a round with K drafts (K = 0: a plain step). Needs `plain`."""
         if k == 0:
             return self.plain
-        draft_step = self.plain * PRIOR_DRAFT_STEP if self.draft_step is None else self.draft_step
-        return k * draft_step + self._rest(k)
-
-    def _rest(self, k: int) -> float:
-        known = sorted(self.rest)
-        if k in self.rest:
-            return self.rest[k]
+        if k in self.rounds:
+            return self.rounds[k]
+        known = sorted(self.rounds)
         if not known:
-            return self.plain * (PRIOR_REST + PRIOR_SLOPE * k)
+            return self.plain * (PRIOR_ROUND + PRIOR_PER_DRAFT * k)
         below = [j for j in known if j < k]
         above = [j for j in known if j > k]
         if below and above:
             lo, hi = below[-1], above[0]
-            return self.rest[lo] + (self.rest[hi] - self.rest[lo]) * (k - lo) / (hi - lo)
+            return self.rounds[lo] + (self.rounds[hi] - self.rounds[lo]) * (k - lo) / (hi - lo)
         near = below[-2:] if below else above[:2]
-        slope = self.plain * PRIOR_SLOPE
+        slope = self.plain * PRIOR_PER_DRAFT
         if len(near) == 2:
-            slope = max(0.0, (self.rest[near[1]] - self.rest[near[0]]) / (near[1] - near[0]))
+            slope = max(0.0, (self.rounds[near[1]] - self.rounds[near[0]]) / (near[1] - near[0]))
         j = near[-1] if below else near[0]
-        return max(0.0, self.rest[j] + slope * (k - j))
+        return max(0.0, self.rounds[j] + slope * (k - j))
 
 
 class Measurements:

@@ -166,12 +166,12 @@ class Decoder:
         results = run_round([s.row for s in streams], self.drafter, k)
         end = clock()
         if not handed_over:  # after a hand-over the round's time lacks the reader's work
-            costs.observe_round(k, results[0].draft_seconds, end - self.last_end)
+            costs.observe_round(k, end - self.last_end)
         if self.policy is not None:
             for r in results:
                 self.policy.observe(k, r.accepted)
         rounds = [
-            (s, r.tokens, RoundStats(k, r.accepted, 0, r.draft_seconds, r.verify_seconds))
+            (s, r.tokens, RoundStats(k, r.accepted))
             for s, r in zip(streams, results)
         ]
         return out + self._emit(rounds, end)

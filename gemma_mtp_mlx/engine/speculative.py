@@ -11,14 +11,12 @@ min(1, p_j(d_j) / q_j(d_j)); at the first rejection emit a sample of normalize(m
 if all pass, a bonus sample of p_K. Every emitted token is then distributed as the target's p.
 
 Everything up to the acceptance count stays on the device: the drafts are queued, the verify
-pass is built while they compute and queued behind them; the host then notes when the drafts
-were done (the draft/verify time split: the device is already busy with the verify pass, so
-noting it costs no idle time) and reads what was accepted. Several independent sequences (rows:
+pass is built while they compute and queued behind them, and the host reads only what was
+accepted. Several independent sequences (rows:
 a batch of prompts) share a round: one target forward verifies all their drafts, so the
 target's weights are read once per round for the whole batch.
 """
 
-import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -27,9 +25,6 @@ from ..models.assistant import Assistant
 from ..models.cache import RowsCache, RowsView
 from .context import Context
 from .sampling import Sampler
-
-# Every duration here is read from this clock (tests put a controlled one in its place).
-clock = time.perf_counter
 
 
 @dataclass
@@ -47,8 +42,6 @@ class Row:
 class RoundResult:
     tokens: list[int]  # emitted this round: accepted drafts, then the target's token
     accepted: int
-    draft_seconds: float  # from the round's start until the drafts were computed
-    verify_seconds: float  # from then until the round was committed
 
 
 def rows_cache(rows: list[Row]) -> list:
@@ -136,7 +129,6 @@ def run_round(rows: list[Row], drafter: Assistant, k: int) -> list[RoundResult]:
     drafts K, one target forward verifies all rows'
     blocks, each row accepts and commits on its own: its rejected drafts leave its cache and
     `token`/`hidden` move on. Rows stay independent: a row's tokens are those of its own run."""
-    start = clock()
     drafts = draft(rows, drafter, k)
     # Drafting starts now; the verify pass is built while it runs (no idle gap between).
     mx.async_eval([d if q is None else [d, q] for d, q in drafts])
@@ -151,9 +143,7 @@ def run_round(rows: list[Row], drafter: Assistant, k: int) -> list[RoundResult]:
     outcomes = [
         accept(logits[b], d, q, r.sampler) for b, (r, (d, q)) in enumerate(zip(rows, drafts))
     ]
-    mx.async_eval(outcomes)  # queued behind the drafts: the device never waits for the host
-    mx.eval([d for d, _ in drafts])
-    drafted = clock()
+    mx.eval(outcomes)
     results = []
     for b, (r, (d, _), (accepted, nxt)) in enumerate(zip(rows, drafts, outcomes)):
         n = accepted.item()
@@ -162,8 +152,5 @@ def run_round(rows: list[Row], drafter: Assistant, k: int) -> list[RoundResult]:
         for c in r.ctx.cache:
             c.trim(k - n)
         r.token, r.hidden = nxt.reshape(1, 1), hiddens[b : b + 1, n : n + 1]
-        results.append(RoundResult(d[:n].tolist() + [nxt.item()], n, drafted - start, 0.0))
-    end = clock()
-    for result in results:
-        result.verify_seconds = end - drafted
+        results.append(RoundResult(d[:n].tolist() + [nxt.item()], n))
     return results

@@ -17,8 +17,6 @@ class RoundStats:
     drafted: int
     accepted: int = 0
     emitted: int = 0
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
     seconds: float = 0.0  # wall time since the answer's previous tokens were out
     plain_steady: bool = False  # a steady-state pipelined plain step: a baseline sample
     measuring: bool = False  # plain only to measure the baseline (not the policy parking)
@@ -34,8 +32,6 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     prefill_seconds: float = 0.0
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
     decode_seconds: float = 0.0
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_position: list[int] = field(default_factory=list)
@@ -49,8 +45,6 @@ class GenerationStats:
         self.drafted += r.drafted
         self.accepted += r.accepted
         self.decoded_tokens += r.emitted
-        self.draft_seconds += r.draft_seconds
-        self.verify_seconds += r.verify_seconds
         self.decode_seconds += r.seconds
         grow = r.drafted - len(self.drafted_by_position)
         if grow > 0:
@@ -118,8 +112,6 @@ class GenerationStats:
             "baseline_tokens_per_second": r(self.baseline_tokens_per_second, 2),
             "speedup": r(self.speedup, 3),
             "prefill_seconds": r(self.prefill_seconds),
-            "draft_seconds": r(self.draft_seconds),
-            "verify_seconds": r(self.verify_seconds),
-            "other_seconds": r(self.decode_seconds - self.draft_seconds - self.verify_seconds),
+            "decode_seconds": r(self.decode_seconds),
             "peak_memory_bytes": self.peak_memory_bytes,
         }

@@ -148,8 +148,6 @@ def run_summary(run: Run, plain: Run) -> dict:
             "acceptance_by_position": [round(a, 4) for a in s.acceptance_by_position],
             "drafted_by_position": list(s.drafted_by_position),
             "accepted_by_position": list(s.accepted_by_position),
-            "draft_seconds": round(s.draft_seconds, 4),
-            "verify_seconds": round(s.verify_seconds, 4),
         } | meter(run, plain)
     return out
 
