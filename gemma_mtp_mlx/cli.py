@@ -204,17 +204,21 @@ def _resume(
         session.set_think(think)
 
 
-def _notes(session: Session, turn: Turn, err: Console) -> None:
+def _dropped_note(session: Session, turn: Turn, err: Console) -> None:
     if turn.dropped:
         err.print(
             f"note: dropped the {turn.dropped} oldest exchange(s) to fit the context "
             f"({session.context_limit:,} tokens)",
             style="yellow",
         )
-    if turn.capped:
+
+
+def _capped_note(turn: Turn, err: Console) -> None:
+    """An answer that ran into the end of the context rather than --max-tokens says so."""
+    if turn.capped and turn.finish_reason == "length":
         err.print(
-            f"note: the context leaves room for {turn.max_tokens} tokens: "
-            "this answer is capped there",
+            f"note: the answer stopped at {turn.max_tokens} tokens, where the context is full "
+            f"(--max-tokens {turn.settings.max_tokens})",
             style="yellow",
         )
 
@@ -222,8 +226,8 @@ def _notes(session: Session, turn: Turn, err: Console) -> None:
 def one_shot(session: Session, text: str, *, raw: bool, as_json: bool, err: Console) -> None:
     """One answer on stdout; notes and the stats line on stderr."""
     turn = session.complete(text) if raw else session.ask(text)
-    _notes(session, turn, err)
     _answer(turn, as_json=as_json, err=err)
+    _capped_note(turn, err)
 
 
 def scripted(session: Session, lines: Iterable[str], *, as_json: bool, err: Console) -> bool:
@@ -247,11 +251,12 @@ def scripted(session: Session, lines: Iterable[str], *, as_json: bool, err: Cons
             err.print(f"[bold red]error:[/] {escape(str(e))}")
             ok = False
             continue
-        _notes(session, turn, err)
+        _dropped_note(session, turn, err)
         if not first and not as_json:
             sys.stdout.write("\n")
         first = False
         _answer(turn, as_json=as_json, err=err)
+        _capped_note(turn, err)
     return ok
 
 

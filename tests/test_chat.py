@@ -308,7 +308,10 @@ def test_save_and_load_resume_with_the_kv_cache(pair, tmp_path):
 
 def test_a_save_cleans_the_temporaries_of_killed_saves(pair, tmp_path):
     session, _ = chat(pair, Settings(max_tokens=4), QUESTIONS[:1])
-    killed = [tmp_path / ".chat.json.k1ll3d_x.tmp", tmp_path / ".chat.json.kv.safetensors.abcdefgh.tmp"]
+    killed = [  # as mkstemp names them: 8 random characters
+        tmp_path / ".chat.json.k1ll3d_x.tmp",
+        tmp_path / ".chat.json.kv.safetensors.a1b2c3d4.tmp",
+    ]
     others = [tmp_path / ".chat.json.not-ours.tmp", tmp_path / ".other.json.abcdefgh.tmp"]
     for f in killed + others:
         f.write_text("half a file")

@@ -35,10 +35,10 @@ def rings(ctx: Context) -> dict[int, tuple[np.ndarray, np.ndarray, int, int]]:
 
 
 def same_rings(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        np.array_equal(a[i][0], b[i][0]) and np.array_equal(a[i][1], b[i][1]) and a[i][2:] == b[i][2:]
-        for i in a
-    )
+    def same(x, y):
+        return np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) and x[2:] == y[2:]
+
+    return a.keys() == b.keys() and all(same(a[i], b[i]) for i in a)
 
 
 def decode(ctx: Context, tokens: list[int]) -> None:

@@ -248,6 +248,8 @@ class Repl:
                     if turn.token_ids
                     else "stopped"
                 )
+            elif turn.finish_reason == "length" and turn.capped:
+                note = f"stopped at {turn.max_tokens} tokens: the context is full"
             elif turn.finish_reason == "length":
                 note = f"stopped at the {turn.max_tokens}-token limit (--max-tokens)"
             view.finish(turn.stats, note)
