@@ -354,3 +354,10 @@ def test_scripted_chats_take_the_commands_that_need_no_terminal(tiny, tmp_path):
     assert [a["token_ids"] for a in answers] == [a["token_ids"] for a in expected]
     assert answers[2]["stats"]["prompt_tokens"] == expected[2]["stats"]["prompt_tokens"]
     assert 0 < cached <= expected[2]["stats"]["context_tokens"]
+
+
+def test_resume_needs_a_session_file_and_a_chat(tiny, tmp_path):
+    missing = str(tmp_path / "none.json")
+    assert "no session file at" in fail("-m", str(tiny), "--resume", missing, "-p", "hi")
+    line = fail("-m", str(tiny), "--resume", missing, "--prompt-file", missing)
+    assert "--resume continues a chat" in line
