@@ -196,7 +196,7 @@ def test_a_damaged_cache_is_refused_and_the_transcript_loaded(
     assert len(answer["token_ids"]) == 16
 
 
-def test_a_cache_saved_for_another_model_is_refused(small_slack, long_chat, tmp_path):
+def test_a_cache_saved_for_another_model_is_refused(thinker, small_slack, long_chat, tmp_path):
     """A target of the same shape, other weights: only the weights' fingerprint tells."""
     other = tc.make_target(tmp_path / "other", "e2b", seed=1)
     transcript, _ = _copy(long_chat.saved, tmp_path / "copy")
@@ -207,7 +207,7 @@ def test_a_cache_saved_for_another_model_is_refused(small_slack, long_chat, tmp_
     assert r.exit_code == 0, r.output
     assert r.stderr.splitlines()[0] == (
         "note: loaded 40 messages; its saved KV cache is not used: it was saved for another "
-        "model (target); the next answer prefills the conversation"
+        f"model ({thinker}); the next answer prefills the conversation"
     )
     (answer,) = [json.loads(line) for line in r.stdout.splitlines()]
     assert answer["stats"]["context_tokens"] == 0 and answer["stats"]["prompt_tokens"] > 800

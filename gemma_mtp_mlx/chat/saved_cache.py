@@ -68,9 +68,16 @@ def target_identity(pair) -> str:
 
 
 def write_cache(
-    path: Path, context: Context, carried: list[int] | None, pair, transcript_digest: str
+    path: Path,
+    context: Context,
+    carried: list[int] | None,
+    pair,
+    *,
+    model_name: str,
+    transcript_digest: str,
 ) -> Path:
-    """Save `context` (not empty) atomically, mode 0600."""
+    """Save `context` (not empty) atomically, mode 0600; `model_name` is what the user called
+    the target, for the message that refuses the file elsewhere."""
     arrays = {"tokens": mx.array(context.tokens, dtype=mx.int32)}
     if carried is not None:
         arrays["carried"] = mx.array(carried, dtype=mx.int32)
@@ -87,9 +94,9 @@ def write_cache(
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
-        "target": pair.name,
+        "target": model_name,
         "target_fingerprint": target_identity(pair),
-        "drafter": pair.drafter_path.name if drafter is not None else "",
+        "drafter": str(pair.drafter_path) if drafter is not None else "",
         "drafter_fingerprint": fingerprint(drafter) if drafter is not None else "",
         "transcript": transcript_digest,
         "slack": str(context.slack),

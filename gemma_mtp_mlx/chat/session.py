@@ -8,6 +8,12 @@ template's end of turn. The new user turn is the template's text after the rende
 Re-encoding answers from text instead would re-prefill every answer: a model's tokens are not
 always the tokenizer's canonical split of their text, and with thinking off the generation
 prompt pre-fills an empty thought channel that the template leaves out of earlier turns.
+
+Removing an answer's thinking moves the common prefix back to where that answer began, deeper
+than the sliding layers can roll back once their window has wrapped; the session's context keeps
+a snapshot there (engine/context.py), so the turn still prefills only what changed. `save` writes
+the cache and `_carried` beside the transcript (chat/saved_cache.py), so a loaded conversation
+goes on the same way.
 """
 
 import os
@@ -447,7 +453,14 @@ class Session:
         kv = cache_path(path)
         self._keep_only_what_the_next_turn_reuses()
         if self.context.tokens:
-            write_cache(kv, self.context, self._carried, self.pair, transcript.digest())
+            write_cache(
+                kv,
+                self.context,
+                self._carried,
+                self.pair,
+                model_name=self.model_name,
+                transcript_digest=transcript.digest(),
+            )
         else:
             try:
                 kv.unlink(missing_ok=True)  # an older save's cache would not match anyway
