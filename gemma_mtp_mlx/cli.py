@@ -105,7 +105,7 @@ def main_command(
             raise GemmaChatError("--resume continues a chat: not with --prompt-file or --raw")
         text = None
         if prompt is not None:
-            text = _decoded(sys.stdin.buffer.read(), err) if prompt == "-" else prompt
+            text = StdinText(err).decode(sys.stdin.buffer.read()) if prompt == "-" else prompt
             if not text.strip():
                 raise GemmaChatError("the prompt is empty")
         texts = read_prompts(prompt_file) if prompt_file is not None else None
@@ -124,7 +124,7 @@ def main_command(
             from .chat.repl import run_repl
 
             run_repl(session, stdout_console(), debug=debug)
-        elif not scripted(session, stdin_lines(err), as_json=as_json, err=err):
+        elif not scripted(session, StdinText(err).lines(), as_json=as_json, err=err):
             raise typer.Exit(1)
     except GemmaChatError as e:
         _fail(err, str(e), debug)
@@ -164,27 +164,30 @@ def _load(err: Console, model: str, drafter: str | None, quantize: int | None):
         return load(model, drafter, quantize=quantize)
 
 
-def _decoded(data: bytes, err: Console, warn: list[bool] | None = None) -> str:
+class StdinText:
     """Input bytes as text. Bytes that are not UTF-8 become U+FFFD (the tokenizer cannot take
     them, and one bad line must not end a chat), said once on stderr."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        if warn is None or not warn[0]:
-            err.print(
-                "note: the input is not valid UTF-8; its undecodable bytes became U+FFFD",
-                style="yellow",
-            )
-            if warn is not None:
-                warn[0] = True
-        return data.decode("utf-8", errors="replace")
 
+    def __init__(self, err: Console):
+        self.err = err
+        self.warned = False
 
-def stdin_lines(err: Console) -> Iterator[str]:
-    """stdin line by line as it arrives, decoded as `_decoded` does."""
-    warned = [False]
-    for line in sys.stdin.buffer:
-        yield _decoded(line, err, warned)
+    def decode(self, data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            if not self.warned:
+                self.err.print(
+                    "note: the input is not valid UTF-8; its undecodable bytes became U+FFFD",
+                    style="yellow",
+                )
+                self.warned = True
+            return data.decode("utf-8", errors="replace")
+
+    def lines(self) -> Iterator[str]:
+        """stdin line by line as it arrives."""
+        for line in sys.stdin.buffer:
+            yield self.decode(line)
 
 
 def _resume(
@@ -195,9 +198,9 @@ def _resume(
 
     loaded = session.load(path)
     if loaded.refused:
-        err.print("note: " + loaded_line(loaded), style="yellow")
+        err.print("note: " + loaded_line(loaded), style="yellow", markup=False)
     else:
-        err.print(loaded_line(loaded), style="dim")
+        err.print(loaded_line(loaded), style="dim", markup=False)
     if system is not None:
         session.set_system(system)
     if think is not None:
@@ -244,7 +247,7 @@ def scripted(session: Session, lines: Iterable[str], *, as_json: bool, err: Cons
         command = commands.parse(line)
         try:
             if command is not None:
-                err.print(_scripted_command(session, *command), style="dim")
+                err.print(_scripted_command(session, *command), style="dim", markup=False)
                 continue
             turn = session.ask(commands.message(line))
         except GemmaChatError as e:
