@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -66,7 +67,8 @@ def main_command(
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
-    think: Annotated[bool, typer.Option("--think/--no-think", help="Gemma 4's thinking channel (shown dimmed, kept out of the answer).")] = False,
+    think: Annotated[bool | None, typer.Option("--think/--no-think", help="Gemma 4's thinking channel (shown dimmed, kept out of the answer).")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="Continue a conversation saved with /save (with its KV cache when it fits this model).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: encode the text as is.")] = False,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Run to --max-tokens.")] = False,
     quantize: Annotated[int | None, typer.Option("--quantize", help="Quantise the target at load: 4 or 8.")] = None,
@@ -93,7 +95,7 @@ def main_command(
         mtp=not no_mtp,
         draft_tokens=draft_tokens,
         ignore_eos=ignore_eos,
-        think=think,
+        think=bool(think),
     )
     try:
         interactive = prompt is None and prompt_file is None and sys.stdin.isatty() and sys.stdout.isatty()
@@ -105,9 +107,11 @@ def main_command(
             raise GemmaChatError("--raw needs --prompt or --prompt-file")
         if interactive and as_json:
             raise GemmaChatError("--json needs --prompt or input from a pipe")
+        if resume is not None and (prompt_file is not None or raw):
+            raise GemmaChatError("--resume continues a chat: not with --prompt-file or --raw")
         text = None
         if prompt is not None:
-            text = sys.stdin.read() if prompt == "-" else prompt
+            text = StdinText(err).decode(sys.stdin.buffer.read()) if prompt == "-" else prompt
             if not text.strip():
                 raise GemmaChatError("the prompt is empty")
         limit = check_load_options(model, precision, quantize, max_memory, draft_tokens)
@@ -121,6 +125,7 @@ def main_command(
                 "--precision": precision is not None,
                 "--max-memory": max_memory is not None,
                 "--prompt-file": prompt_file is not None,
+                "--resume": resume is not None,
             }
             given = [flag for flag, used in local_only.items() if used]
             if given:
@@ -134,6 +139,8 @@ def main_command(
                 why = f" ({pair.drafter_note})" if pair.drafter_note else ""
                 err.print(f"warning: no MTP drafter for {model}{why}: plain decoding", style="yellow")
             session = Session(pair, settings, system=system, model_name=model)
+            if resume is not None:
+                _resume(session, resume, system=system, think=think, err=err)
         if texts is not None:
             if not answer_file(session, texts, batch=batch or 1, raw=raw, as_json=as_json, err=err):
                 raise typer.Exit(1)
@@ -143,7 +150,7 @@ def main_command(
             from .chat.repl import run_repl
 
             run_repl(session, stdout_console(), debug=debug)
-        elif not scripted(session, sys.stdin, as_json=as_json, err=err):
+        elif not scripted(session, StdinText(err).lines(), as_json=as_json, err=err):
             raise typer.Exit(1)
     except GemmaChatError as e:
         _fail(err, str(e), debug)
@@ -262,39 +269,114 @@ def _remote_session(url: str, key_env: str | None, settings, *, model: str | Non
     return RemoteSession(url, settings, model=model, api_key=key, system=system)
 
 
+class StdinText:
+    """Input bytes as text. Bytes that are not UTF-8 become U+FFFD (the tokenizer cannot take
+    them, and one bad line must not end a chat), said once on stderr."""
+
+    def __init__(self, err: Console):
+        self.err = err
+        self.warned = False
+
+    def decode(self, data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            if not self.warned:
+                self.err.print(
+                    "note: the input is not valid UTF-8; its undecodable bytes became U+FFFD",
+                    style="yellow",
+                )
+                self.warned = True
+            return data.decode("utf-8", errors="replace")
+
+    def lines(self) -> Iterator[str]:
+        """stdin line by line as it arrives."""
+        for line in sys.stdin.buffer:
+            yield self.decode(line)
+
+
+def _resume(
+    session: Session, path: str, *, system: str | None, think: bool | None, err: Console
+) -> None:
+    """Load a saved conversation; the flags given on the command line win over what it saved."""
+    from .chat.commands import loaded_line
+
+    loaded = session.load(path)
+    if loaded.refused:
+        err.print("note: " + loaded_line(loaded), style="yellow", markup=False)
+    else:
+        err.print(loaded_line(loaded), style="dim", markup=False)
+    if system is not None:
+        session.set_system(system)
+    if think is not None:
+        session.set_think(think)
+
+
+def _dropped_note(session: Session, turn: Turn, err: Console) -> None:
+    if turn.dropped:
+        err.print(
+            f"note: dropped the {turn.dropped} oldest exchange(s) to fit the context "
+            f"({session.context_limit:,} tokens)",
+            style="yellow",
+        )
+
+
+def _capped_note(turn: Turn, err: Console) -> None:
+    """An answer that ran into the end of the context rather than --max-tokens says so."""
+    if turn.capped and turn.finish_reason == "length":
+        err.print(
+            f"note: the answer stopped at {turn.max_tokens} tokens, where the context is full "
+            f"(--max-tokens {turn.settings.max_tokens})",
+            style="yellow",
+        )
+
+
 def one_shot(session: Session, text: str, *, raw: bool, as_json: bool, err: Console) -> None:
     """One answer on stdout; notes and the stats line on stderr."""
     turn = session.complete(text) if raw else session.ask(text)
-    if turn.max_tokens < turn.settings.max_tokens:
-        err.print(f"note: the context leaves room for {turn.max_tokens} tokens", style="yellow")
     _answer(turn, as_json=as_json, err=err)
+    _capped_note(turn, err)
 
 
-def scripted(session: Session, lines, *, as_json: bool, err: Console) -> bool:
+def scripted(session: Session, lines: Iterable[str], *, as_json: bool, err: Console) -> bool:
     """A conversation read from `lines`: each non-empty line is a user turn, each answer goes
-    to stdout (a blank line between answers, or one JSON object per line). False when a turn
-    failed; the others still run."""
+    to stdout (a blank line between answers, or one JSON object per line). The slash commands
+    that need no terminal run too (chat/commands.py), saying what they did on stderr; `//text`
+    sends `/text`. False when a line failed; the others still run."""
+    from .chat import commands
+
     ok, first = True, True
     for line in lines:
         if not line.strip():
             continue
+        command = commands.parse(line)
         try:
-            turn = session.ask(line)
+            if command is not None:
+                err.print(_scripted_command(session, *command), style="dim", markup=False)
+                continue
+            turn = session.ask(commands.message(line))
         except GemmaChatError as e:
             err.print(f"[bold red]error:[/] {escape(str(e))}")
             ok = False
             continue
-        if turn.dropped:
-            err.print(
-                f"note: dropped the {turn.dropped} oldest exchange(s) to fit the context "
-                f"({session.context_limit:,} tokens)",
-                style="yellow",
-            )
+        _dropped_note(session, turn, err)
         if not first and not as_json:
             sys.stdout.write("\n")
         first = False
         _answer(turn, as_json=as_json, err=err)
+        _capped_note(turn, err)
     return ok
+
+
+def _scripted_command(session: Session, name: str, arg: str) -> str:
+    from .chat.commands import SESSION_COMMANDS
+
+    if name not in SESSION_COMMANDS:
+        raise GemmaChatError(
+            f"{name} is not a command of scripted chats (they take {', '.join(SESSION_COMMANDS)}; "
+            "//text sends /text)"
+        )
+    return SESSION_COMMANDS[name](session, arg)
 
 
 def _answer(turn: Turn, *, as_json: bool, err: Console) -> None:

@@ -57,12 +57,13 @@ def parameter_bytes(module) -> int:
 
 
 def kv_cache_bytes(args, context: int, dtype_bytes: int) -> int:
-    """K and V of every layer that stores them, at `context` tokens."""
+    """K and V of every layer that stores them, at `context` tokens; the sliding rings twice,
+    as the chat keeps one snapshot of them (engine/snapshot.py)."""
     total = 0
     for layer in range(args.first_shared_layer):
         tokens = context
         if args.layer_types[layer] != "full_attention":
-            tokens = min(args.sliding_window + DEFAULT_SLACK, context)
+            tokens = 2 * min(args.sliding_window + DEFAULT_SLACK, context)
         total += 2 * tokens * args.kv_heads_of(layer) * args.head_dim_of(layer) * dtype_bytes
     return total
 

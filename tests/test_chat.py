@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from gemma_mtp_mlx.chat.repl import SlashCompleter, open_history, run_repl, stat
 from gemma_mtp_mlx.chat.session import Session, Settings
 from gemma_mtp_mlx.chat.thinking import ChannelSplitter, strip_channels
 from gemma_mtp_mlx.chat.view import AnswerView, meter_text, stable_prefix
+from gemma_mtp_mlx.engine import context as context_module
 from gemma_mtp_mlx.engine.generate import Chunk, generate
 from gemma_mtp_mlx.engine.stats import GenerationStats
 from gemma_mtp_mlx.errors import GemmaChatError
@@ -272,26 +274,50 @@ def test_mtp_settings(pair):
     assert session.ask("Hello there").run().draft_now is None
 
 
-def test_save_and_load(pair, tmp_path):
-    session, turns = chat(pair, Settings(max_tokens=8), QUESTIONS[:2])
-    session.set_system("Be brief.")
-    path = session.save(tmp_path / "chat.json")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    data = json.loads(path.read_text())
+def test_save_and_load_resume_with_the_kv_cache(pair, tmp_path):
+    session = Session(pair, Settings(max_tokens=8), system="Be brief.")
+    for q in QUESTIONS[:2]:
+        session.ask(q).run()
+    saved = session.save(tmp_path / "chat.json")
+    kv = tmp_path / "chat.json.kv.safetensors"
+    assert saved.path == tmp_path / "chat.json" and saved.messages == 4
+    assert saved.cached_tokens == len(session.context.tokens) > 0
+    for f in (saved.path, kv):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    data = json.loads(saved.path.read_text())
     assert data["format"] == "gemma-chat.session" and data["system"] == "Be brief."
-    assert data["messages"] == session.messages
-    assert not [p for p in tmp_path.iterdir() if p.name != "chat.json"]  # no temporary left
+    assert data["messages"] == session.messages and data["think"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", kv.name]  # no temporary
 
     other = Session(pair, Settings(max_tokens=8))
-    assert other.load(path) == 4
+    loaded = other.load(saved.path)
+    assert (loaded.messages, loaded.cached_tokens, loaded.refused) == (4, saved.cached_tokens, None)
     assert other.messages == session.messages and other.system == "Be brief."
-    turn = other.ask(QUESTIONS[2]).run()
-    assert turn.stats.context_tokens == 0  # a loaded conversation is prefilled once
+    resumed, uninterrupted = other.ask(QUESTIONS[2]).run(), session.ask(QUESTIONS[2]).run()
+    assert resumed.token_ids == uninterrupted.token_ids
+    assert resumed.stats.context_tokens == saved.cached_tokens
+    assert resumed.stats.prompt_tokens == uninterrupted.stats.prompt_tokens < 45
 
-    # an existing file is replaced, still private
-    path.chmod(0o644)
-    session.save(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # an existing file is replaced, still private; without a cache, a stale one goes
+    saved.path.chmod(0o644)
+    session.reset()
+    assert session.save(saved.path).cached_tokens == 0
+    assert stat.S_IMODE(saved.path.stat().st_mode) == 0o600 and not kv.exists()
+    assert other.load(saved.path) == session_module.Loaded(0, 0, None)
+
+
+def test_a_save_cleans_the_temporaries_of_killed_saves(pair, tmp_path):
+    session, _ = chat(pair, Settings(max_tokens=4), QUESTIONS[:1])
+    killed = [  # as mkstemp names them: 8 random characters
+        tmp_path / ".chat.json.k1ll3d_x.tmp",
+        tmp_path / ".chat.json.kv.safetensors.a1b2c3d4.tmp",
+    ]
+    others = [tmp_path / ".chat.json.not-ours.tmp", tmp_path / ".other.json.abcdefgh.tmp"]
+    for f in killed + others:
+        f.write_text("half a file")
+    session.save(tmp_path / "chat.json")
+    assert not any(f.exists() for f in killed) and all(f.exists() for f in others)
+    assert session.load(tmp_path / "chat.json").cached_tokens > 0
 
 
 @pytest.mark.parametrize(
@@ -299,6 +325,15 @@ def test_save_and_load(pair, tmp_path):
     [
         ("{not json", "not JSON"),
         ('{"messages": [{"role": "robot", "content": "x"}]}', "role 'robot'"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+            "message 1 is a second user turn in a row",
+        ),
+        ('{"messages": [{"role": "assistant", "content": "a"}]}', "message 0 is a second"),
+        ('{"messages": [{"role": "user", "content": "a"}]}', "has no answer"),
+        ('{"think": "yes", "messages": []}', "think is 'yes', not true or false"),
+        ('{"messages": [{"role": "user", "content": "\\udcff"}]}', "not valid Unicode"),
+        ('{"version": 2, "messages": []}', "version 2"),
         ('{"messages": [{"role": "user"}]}', "no text content"),
         ("[1, 2]", "no message list"),
         ('{"format": "other", "messages": []}', "format"),
@@ -308,19 +343,20 @@ def test_save_and_load(pair, tmp_path):
 def test_load_rejects_a_corrupt_session(pair, tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    session = Session(pair)
-    session.messages = [{"role": "user", "content": "kept"}]
+    session, _ = chat(pair, Settings(max_tokens=4), QUESTIONS[:1])
+    messages, cached = list(session.messages), list(session.context.tokens)
     with pytest.raises(GemmaChatError, match=match):
         session.load(path)
-    assert session.messages == [{"role": "user", "content": "kept"}]
+    assert session.messages == messages and session.context.tokens == cached  # nothing lost
 
 
 def test_save_to_an_unwritable_place(pair, tmp_path):
-    session = Session(pair)
+    session, _ = chat(pair, Settings(max_tokens=4), QUESTIONS[:1])
     with pytest.raises(GemmaChatError, match="cannot write"):
         session.save(tmp_path / "missing" / "chat.json")
-    with pytest.raises(GemmaChatError, match="cannot write"):
-        session.save(tmp_path)  # a directory
+    with pytest.raises(GemmaChatError, match="cannot write .* folder"):
+        session.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(GemmaChatError, match="no session file"):
         session.load(tmp_path / "nothing.json")
 
@@ -537,9 +573,12 @@ def test_repl_ctrl_c_during_an_answer_keeps_the_conversation(pair, monkeypatch):
 def test_repl_stop_request_between_chunks(pair, monkeypatch):
     """The first Ctrl-C during an answer only asks it to stop at the next chunk."""
 
-    class Requested:
+    class Requested:  # set from the second look on: after the prefill, by the first chunk
+        looks = 0
+
         def is_set(self):
-            return True
+            self.looks += 1
+            return self.looks > 1
 
     class Fake:
         def __enter__(self):
@@ -552,6 +591,32 @@ def test_repl_stop_request_between_chunks(pair, monkeypatch):
     code, session, out = run(pair, "Hello there\r\x04", Settings(max_tokens=30))
     assert session.last.finish_reason == "interrupted" and 0 < len(session.last.token_ids) < 30
     assert len(session.context.tokens) > 0  # stopped between chunks: the cache is kept
+
+
+def test_repl_ctrl_c_during_the_prefill_stops_it_within_a_chunk(pair, monkeypatch):
+    """One real Ctrl-C (SIGINT) while the model runs the first chunk of a long message: the
+    prefill stops at the end of that chunk, nothing of the answer is kept, the meter goes, and
+    the conversation goes on."""
+    monkeypatch.setattr(context_module, "PREFILL_CHUNK", 16)
+    model = type(pair.target.model)
+    forward, forwards = model.__call__, []
+
+    def interrupted_once(self, *args, **kw):
+        forwards.append(1)
+        if len(forwards) == 1:
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(model, "__call__", interrupted_once)
+    long_message = "the village " * 20  # 4 chunks of 16 with the template
+    code, session, out = run(pair, f"{long_message}\r\x04", Settings(max_tokens=8))
+    assert code == 0 and len(forwards) == 1  # one chunk ran
+    assert session.messages == [] and session.last is None  # nothing of it kept
+    assert "prefilling" not in out[out.index("stopped") :]  # no stale meter
+    monkeypatch.undo()
+    after = session.ask("Hello there").run()
+    assert after.stats.context_tokens == 16  # the chunk it ran, kept and consistent
+    assert after.token_ids == chat(pair, Settings(max_tokens=8), ["Hello there"])[1][0].token_ids
 
 
 def test_history_file_is_private(tmp_path, monkeypatch):

@@ -284,3 +284,84 @@ def test_prompt_file_usage_errors(tiny, tmp_path):
     assert "cannot read prompts" in fail("-m", str(tiny), "--prompt-file", str(tmp_path / "none.txt"))
     (tmp_path / "empty.txt").write_text("\n \n")
     assert "no prompts" in fail("-m", str(tiny), "--prompt-file", str(tmp_path / "empty.txt"))
+
+
+def test_invalid_utf8_on_stdin_becomes_replacement_characters():
+    """A line with bytes that are not UTF-8 is answered with U+FFFD in their place, said once;
+    the turns around it run (it used to end the chat with a TypeError from the tokenizer)."""
+    data = b"To be or not to be\nhello \xff world \xfe\nGood night sweet prince\n"
+    r = gemma("-m", "demo", "-n", "8", "--json", input=data)
+    assert r.exit_code == 0 and "Traceback" not in r.stderr, r.output
+    assert [line for line in r.stderr.splitlines() if "UTF-8" in line] == [
+        "note: the input is not valid UTF-8; its undecodable bytes became U+FFFD"
+    ]
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    decoded = "To be or not to be\nhello \ufffd world \ufffd\nGood night sweet prince\n"
+    replaced = gemma("-m", "demo", "-n", "8", "--json", input=decoded).stdout.splitlines()
+    assert [a["token_ids"] for a in answers] == [json.loads(x)["token_ids"] for x in replaced]
+    r = gemma("-m", "demo", "-n", "8", "-p", "-", input=b"hello \xff world\n")
+    assert r.exit_code == 0 and r.stdout.strip(), r.output
+    assert r.stderr.startswith("note: the input is not valid UTF-8")
+
+
+def test_a_large_max_tokens_keeps_the_history():
+    """An answer budget larger than the room left does not evict history: the answer gets the
+    room that is left (issue 18: -n 4050 on the demo's 4096 dropped the first exchange)."""
+    lines = "To be or not to be\nWhat did I just say?\n"
+    r = gemma("-m", "demo", "-n", "4050", "--json", input=lines)
+    assert r.exit_code == 0, r.output
+    first, second = [json.loads(line) for line in r.stdout.splitlines()]
+    assert "dropped" not in r.stderr
+    held = first["stats"]["prompt_tokens"] + len(first["token_ids"]) - 1
+    assert second["stats"]["context_tokens"] == held  # the first exchange is still there
+    assert second["stats"]["prompt_tokens"] < 30
+
+
+def test_an_answer_capped_by_the_context_says_so(short_context):
+    r = gemma("-m", str(short_context), "-p", "Hello there", "-n", "100", "--ignore-eos", "--json")
+    assert r.exit_code == 0, r.output
+    answer = json.loads(r.stdout)
+    room = 120 - 1 - answer["stats"]["prompt_tokens"]
+    assert len(answer["token_ids"]) == room < 100 and answer["finish_reason"] == "length"
+    assert r.stderr.splitlines()[0] == (
+        f"note: the answer stopped at {room} tokens, where the context is full (--max-tokens 100)"
+    )
+
+
+def test_scripted_chats_take_the_commands_that_need_no_terminal(tiny, tmp_path):
+    saved = tmp_path / "chat.json"
+    chat = "Hello there\n/system Be brief.\n/think on\n/mtp 0\n//slash text\n"
+    script = chat + f"/save {saved}\n/reset\n/load {saved}\nWhat is 2+2?\n/stats\n/verify\n"
+    r = gemma("-m", str(tiny), "-n", "8", "--json", input=script)
+    assert r.exit_code == 1, r.output  # /stats and /verify need the interactive chat ...
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(answers) == 3  # ... the other lines ran
+    cached = answers[2]["stats"]["context_tokens"]  # where the reloaded chat started from
+    scripted_only = "(they take /reset, /system, /mtp, /think, /save, /load; //text sends /text)"
+    assert r.stderr.splitlines() == [
+        "system prompt set",
+        "thinking on",
+        "MTP parked (K = 0)",
+        f"saved 4 messages to {saved} (and its KV cache, {cached} tokens, beside it)",
+        "new conversation",
+        f"loaded 4 messages and their KV cache ({cached} tokens)",
+        f"error: /stats is not a command of scripted chats {scripted_only}",
+        f"error: /verify is not a command of scripted chats {scripted_only}",
+    ]
+    saved_chat = json.loads(saved.read_text())
+    assert saved_chat["system"] == "Be brief." and saved_chat["think"] is True
+    assert saved_chat["messages"][2]["content"] == "/slash text"
+    assert answers[1]["stats"]["drafted"] == 0  # /mtp 0 parked drafting
+    # the reloaded chat answers as the chat that was never saved, from the cache it saved
+    r = gemma("-m", str(tiny), "-n", "8", "--json", input=chat + "What is 2+2?\n")
+    expected = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["token_ids"] for a in answers] == [a["token_ids"] for a in expected]
+    assert answers[2]["stats"]["prompt_tokens"] == expected[2]["stats"]["prompt_tokens"]
+    assert 0 < cached <= expected[2]["stats"]["context_tokens"]
+
+
+def test_resume_needs_a_session_file_and_a_chat(tiny, tmp_path):
+    missing = str(tmp_path / "none.json")
+    assert "no session file at" in fail("-m", str(tiny), "--resume", missing, "-p", "hi")
+    line = fail("-m", str(tiny), "--resume", missing, "--prompt-file", missing)
+    assert "--resume continues a chat" in line

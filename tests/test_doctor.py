@@ -142,15 +142,16 @@ def test_parameter_counts_match_the_model_cards():
 def test_kv_cache_bytes_by_hand():
     e2b = model_from_config(TARGETS["e2b"]).args
     # E2B: 15 layers store KV (20 of 35 share); full at 4, 9, 14 with 1 KV head of 512;
-    # 12 sliding with 1 head of 256 keeping 512 + 64 tokens. K and V, bf16.
-    by_hand = 3 * 2 * 8192 * 1 * 512 * 2 + 12 * 2 * 576 * 1 * 256 * 2
-    assert memory.kv_cache_bytes(e2b, 8192, 2) == by_hand == 57_409_536
+    # 12 sliding with 1 head of 256 keeping 512 + 64 tokens, twice (the chat's snapshot of
+    # the rings). K and V, bf16.
+    by_hand = 3 * 2 * 8192 * 1 * 512 * 2 + 2 * 12 * 2 * 576 * 1 * 256 * 2
+    assert memory.kv_cache_bytes(e2b, 8192, 2) == by_hand == 64_487_424
     # 31B: no sharing; 10 full layers, 4 KV heads of 512 (k_eq_v: still K and V arrays);
     # 50 sliding, 16 heads of 256 keeping 1024 + 64 tokens.
     e31b = model_from_config(TARGETS["31b"]).args
-    assert memory.kv_cache_bytes(e31b, 8192, 2) == 10 * 2 * 8192 * 4 * 512 * 2 + 50 * 2 * 1088 * 16 * 256 * 2
+    assert memory.kv_cache_bytes(e31b, 8192, 2) == 10 * 2 * 8192 * 4 * 512 * 2 + 2 * 50 * 2 * 1088 * 16 * 256 * 2
     # A short context caps the sliding layers too.
-    assert memory.kv_cache_bytes(e2b, 100, 2) == 3 * 2 * 100 * 512 * 2 + 12 * 2 * 100 * 256 * 2
+    assert memory.kv_cache_bytes(e2b, 100, 2) == 3 * 2 * 100 * 512 * 2 + 2 * 12 * 2 * 100 * 256 * 2
 
 
 def test_weight_bytes_by_precision():

@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import GemmaChatError
+from . import commands
 from .session import Session, Turn
 from .view import AnswerView, meter_text
 
@@ -38,8 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/think": ("[on|off]", "Gemma 4's thinking channel (shown dimmed)"),
     "/stats": ("", "figures of the last answer"),
     "/verify": ("", "replay the last answer without MTP and compare the tokens"),
-    "/save": ("FILE", "save the conversation (JSON, mode 0600)"),
-    "/load": ("FILE", "load a saved conversation"),
+    "/save": ("FILE", "save the conversation (JSON) and its KV cache beside it, mode 0600"),
+    "/load": ("FILE", "load a saved conversation (and its KV cache, when it fits)"),
     "/quit": ("", "leave (also Ctrl-D)"),
 }
 _CHOICES = {
@@ -131,8 +132,8 @@ def make_prompt_session(
 
 @contextmanager
 def sigint_as_request() -> Iterator[threading.Event]:
-    """While an answer streams, a first Ctrl-C only asks it to stop (between two chunks, where
-    the cache is consistent); a second one interrupts at once."""
+    """While an answer runs, a first Ctrl-C only asks it to stop (between two prefill chunks or
+    two streamed chunks, where the cache is consistent); a second one interrupts at once."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -188,13 +189,12 @@ class Repl:
 
     def handle(self, line: str) -> bool:
         """Run one input; False to quit."""
-        text = line.strip()
-        if not text:
+        if not line.strip():
             return True
-        if text.startswith("/") and not text.startswith("//"):
-            name, _, arg = text.partition(" ")
-            return self.command(name.lower(), arg.strip())
-        self.ask(text[1:] if text.startswith("//") else text)
+        command = commands.parse(line)
+        if command is not None:
+            return self.command(*command)
+        self.ask(commands.message(line))
         return True
 
     # -- messages ------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class Repl:
                 f"the conversation no longer fits the context ({session.context_limit:,} tokens): "
                 f"dropped the {turn.dropped} oldest exchange{'s' * (turn.dropped > 1)}"
             )
-        if turn.max_tokens < turn.settings.max_tokens:
+        if turn.capped:
             self.note(
                 f"this answer can have at most {turn.max_tokens} tokens before the context is full"
             )
@@ -233,6 +233,7 @@ class Repl:
         with view:
             try:
                 with sigint_as_request() as stop:
+                    turn.stop_request = stop  # honoured between prefill chunks too
                     for update in turn:
                         view.update(update.thinking, update.text, update.stats)
                         if stop.is_set():
@@ -248,6 +249,8 @@ class Repl:
                     if turn.token_ids
                     else "stopped"
                 )
+            elif turn.finish_reason == "length" and turn.capped:
+                note = f"stopped at {turn.max_tokens} tokens: the context is full"
             elif turn.finish_reason == "length":
                 note = f"stopped at the {turn.max_tokens}-token limit (--max-tokens)"
             view.finish(turn.stats, note)
@@ -267,6 +270,9 @@ class Repl:
 
     # -- slash commands ------------------------------------------------------------------------
     def command(self, name: str, arg: str) -> bool:
+        if name in commands.SESSION_COMMANDS:
+            self.note(commands.SESSION_COMMANDS[name](self.session, arg))
+            return True
         handler = (
             getattr(self, "cmd_" + name[1:], None) if name in COMMANDS or name == "/exit" else None
         )
@@ -285,28 +291,6 @@ class Repl:
         return False
 
     cmd_exit = cmd_quit
-
-    def cmd_reset(self, arg: str) -> None:
-        self.session.reset()
-        self.note("new conversation")
-
-    def cmd_system(self, arg: str) -> None:
-        if not arg:
-            current = self.session.system
-            self.note(f"system prompt: {current}" if current else "no system prompt")
-            return
-        self.session.set_system(None if arg.lower() == "off" else arg)
-        self.note("system prompt cleared" if self.session.system is None else "system prompt set")
-
-    def cmd_mtp(self, arg: str) -> None:
-        self.note(self.session.set_mtp(arg) if arg else self.session.mtp_state())
-
-    def cmd_think(self, arg: str) -> None:
-        if arg.lower() not in ("", "on", "off"):
-            raise GemmaChatError("usage: /think on|off")
-        if arg:
-            self.session.set_think(arg.lower() == "on")
-        self.note(f"thinking {_on(self.session.settings.think)}")
 
     def cmd_stats(self, arg: str) -> None:
         turn = self.session.last
@@ -367,18 +351,6 @@ class Repl:
             result = self.session.verify()
         style = {True: "green", False: "bold red", None: "yellow"}[result.identical]
         self.console.print(Text(result.message, style=style))
-
-    def cmd_save(self, arg: str) -> None:
-        if not arg:
-            raise GemmaChatError("usage: /save FILE")
-        path = self.session.save(arg)
-        self.note(f"saved {len(self.session.messages)} messages to {path}")
-
-    def cmd_load(self, arg: str) -> None:
-        if not arg:
-            raise GemmaChatError("usage: /load FILE")
-        n = self.session.load(arg)
-        self.note(f"loaded {n} messages; the next answer prefills the conversation")
 
 
 def _drafting(turn: Turn) -> str:

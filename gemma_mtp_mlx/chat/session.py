@@ -8,27 +8,34 @@ template's end of turn. The new user turn is the template's text after the rende
 Re-encoding answers from text instead would re-prefill every answer: a model's tokens are not
 always the tokenizer's canonical split of their text, and with thinking off the generation
 prompt pre-fills an empty thought channel that the template leaves out of earlier turns.
+
+Removing an answer's thinking moves the common prefix back to where that answer began, deeper
+than the sliding layers can roll back once their window has wrapped; the session's context keeps
+a snapshot there (engine/context.py), so the turn still prefills only what changed. `save` writes
+the cache and `_carried` beside the transcript (chat/saved_cache.py), so a loaded conversation
+goes on the same way.
 """
 
-import copy
-import json
 import os
-import tempfile
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..engine.context import Context
+from ..engine.context import Context, PrefillStopped
 from ..engine.generate import generate
 from ..engine.rollback import DEFAULT_SLACK, max_draft_tokens
 from ..engine.stats import GenerationStats
 from ..errors import GemmaChatError
+from .saved_cache import CacheRefused, cache_path, read_cache, write_cache
 from .thinking import ChannelSplitter, strip_channels
+from .transcript import Transcript, is_text, read_transcript, write_transcript
 
-SESSION_FORMAT = "gemma-chat.session"
-SESSION_VERSION = 1
 _PROBE = "gemma-chat-probe"
+# History is dropped to make room for an answer only when less than this is left (or than
+# max_tokens, when smaller); otherwise the answer is capped at what is left (`Turn.capped`).
+# Reserving all of a large --max-tokens would evict history for room no answer may need.
+MIN_ANSWER_ROOM = 256
 
 
 @dataclass
@@ -67,6 +74,20 @@ class Update:
 
 
 @dataclass
+class Saved:
+    path: Path
+    messages: int
+    cached_tokens: int  # tokens of KV cache saved beside the transcript (0: none)
+
+
+@dataclass
+class Loaded:
+    messages: int
+    cached_tokens: int  # tokens of KV cache restored (0: the next answer prefills it all)
+    refused: str | None  # why a saved KV cache was not used
+
+
+@dataclass
 class Verification:
     identical: bool | None  # None: not comparable token by token (a sampled answer)
     tokens: int
@@ -75,7 +96,9 @@ class Verification:
 
 class Turn:
     """One answer. Iterate for `Update`s while it streams; `close()` stops it early (the partial
-    answer is kept). The fields fill in as it goes."""
+    answer is kept). The fields fill in as it goes. Whoever shows it may set `stop_request`
+    (e.g. the REPL's Ctrl-C event): when set during the prefill, the prefill stops at the end of
+    its chunk and the answer ends with nothing in it, as if never asked."""
 
     def __init__(
         self,
@@ -102,6 +125,12 @@ class Turn:
         self.splitter = ChannelSplitter(pair.tokenizer)
         self._on_end = on_end
         self._updates: Iterator[Update] | None = None
+        self.stop_request = None
+
+    @property
+    def capped(self) -> bool:
+        """The context leaves this answer less room than --max-tokens."""
+        return self.max_tokens < self.settings.max_tokens
 
     @property
     def text(self) -> str:
@@ -147,6 +176,7 @@ class Turn:
         return self
 
     def _run(self) -> Iterator[Update]:
+        self.context.stop_request = self.stop_request
         chunks = generate(
             self.pair,
             self.prompt,
@@ -166,6 +196,10 @@ class Turn:
                     thinking, text = thinking + more_thinking, text + more_text
                     self.finish_reason = chunk.finish_reason
                 yield Update(thinking, text, chunk.token_ids, chunk.stats)
+        except PrefillStopped:
+            # Stopped at a chunk boundary of the prefill: the context holds what it ran, which
+            # the next prompt reuses; nothing of this answer exists.
+            self._stop()
         except GeneratorExit:
             # Closed between chunks: the cache holds exactly the emitted tokens.
             self._stop()
@@ -177,6 +211,7 @@ class Turn:
             raise
         finally:
             chunks.close()
+            self.context.stop_request = None
             if self.finish_reason and self._on_end:
                 self._on_end(self)
 
@@ -200,7 +235,8 @@ class Session:
         self.system = system or None
         self.model_name = model_name or pair.name
         self.messages: list[dict] = []  # user and assistant turns; the system prompt is apart
-        self.context = Context(pair.target, slack=DEFAULT_SLACK)
+        # The snapshot lets the next turn drop an answer's thoughts without prefilling it all.
+        self.context = Context(pair.target, slack=DEFAULT_SLACK, keep_snapshot=True)
         self.last: Turn | None = None
         self._carried: list[int] | None = None
         self._turn_end = self._turn_end_ids()
@@ -271,16 +307,16 @@ class Session:
     # -- turns ---------------------------------------------------------------------------------
     def ask(self, text: str) -> Turn:
         """The next answer, to be iterated. Drops the oldest exchanges (keeping the system
-        prompt) when the conversation and the answer would not fit the context."""
-        text = text.strip()
-        if not text:
-            raise GemmaChatError("empty message")
+        prompt) when the conversation leaves too little room for an answer (MIN_ANSWER_ROOM);
+        the answer gets the room that is left up to max_tokens."""
+        text = _message(text)
         user = {"role": "user", "content": text}
         limit = self.context.limit
+        room = min(self.settings.max_tokens, MIN_ANSWER_ROOM)
         history, carried, dropped = list(self.messages), self._carried, 0
         while True:
             prompt = self._prompt(history, user, carried)
-            if len(prompt) + self.settings.max_tokens < limit or not history:
+            if len(prompt) + room < limit or not history:
                 break
             history, carried, dropped = _drop_oldest(history), None, dropped + 1
         if len(prompt) >= limit - 1:
@@ -306,7 +342,7 @@ class Session:
 
     def complete(self, text: str) -> Turn:
         """A raw completion of `text` (no chat template), outside the conversation."""
-        prompt = list(self.pair.tokenizer.encode(text))
+        prompt = list(self.pair.tokenizer.encode(_valid(text)))
         limit = self.context.limit
         if len(prompt) >= limit - 1:
             raise GemmaChatError(f"the prompt is {len(prompt)} tokens; the context holds {limit}")
@@ -407,36 +443,81 @@ class Session:
         return Verification(first is None, n, message)
 
     # -- /save and /load -----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        data = {
-            "format": SESSION_FORMAT,
-            "version": SESSION_VERSION,
-            "model": self.model_name,
-            "system": self.system,
-            "think": self.settings.think,
-            "messages": self.messages,
-        }
-        return write_private(
-            Path(path).expanduser(), json.dumps(data, indent=2, ensure_ascii=False)
-        )
-
-    def load(self, path: str | os.PathLike) -> int:
-        """Replace the conversation by a saved one; returns how many messages it has."""
+    def save(self, path: str | os.PathLike) -> Saved:
+        """Write the transcript to `path` and the KV cache beside it (chat/saved_cache.py), each
+        atomically and private. The cache first: a save killed between the two leaves a cache
+        whose transcript digest no longer matches, which a load refuses."""
         path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise GemmaChatError(f"no session file at {path}") from None
-        except OSError as e:
-            raise GemmaChatError(f"cannot read {path}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GemmaChatError(f"{path} is not a gemma-chat session (not JSON: {e})") from None
-        system, messages, think = _parse_session(data, path)
-        self.system, self.messages = system, messages
-        if think is not None:
-            self.settings.think = think
+        if path.is_dir():
+            raise GemmaChatError(f"cannot write {path}: it is a folder")
+        transcript = Transcript(self.system, self.settings.think, self.messages, self.model_name)
+        kv = cache_path(path)
+        self._keep_only_what_the_next_turn_reuses()
+        if self.context.tokens:
+            write_cache(
+                kv,
+                self.context,
+                self._carried,
+                self.pair,
+                model_name=self.model_name,
+                transcript_digest=transcript.digest(),
+            )
+        else:
+            try:
+                kv.unlink(missing_ok=True)  # an older save's cache would not match anyway
+            except OSError:
+                pass  # writing the transcript beside it reports what is wrong with the folder
+        write_transcript(path, transcript)
+        return Saved(path, len(self.messages), len(self.context.tokens))
+
+    def load(self, path: str | os.PathLike) -> Loaded:
+        """Replace the conversation by a saved one, with its KV cache when one was saved for
+        this model and this transcript; otherwise the next answer prefills the conversation."""
+        path = Path(path).expanduser()
+        transcript = read_transcript(path)
+        self.system, self.messages = transcript.system, transcript.messages
+        if transcript.think is not None:
+            self.settings.think = transcript.think
         self._carried, self.last = None, None
-        return len(messages)
+        self.context.reset()
+        refused = None
+        kv = cache_path(path)
+        if kv.is_file():
+            try:
+                saved = read_cache(kv, self.pair, self.context.slack, transcript.digest())
+            except CacheRefused as e:
+                refused = str(e)
+            else:
+                self.context.cache, self.context.tokens = saved.cache, saved.tokens
+                self._carried = saved.carried
+        return Loaded(len(self.messages), len(self.context.tokens), refused)
+
+    def _keep_only_what_the_next_turn_reuses(self) -> None:
+        """Roll the cache back to where it parts from the conversation's tokens: the last
+        answer's thoughts and its newest token, which the next turn drops anyway (through the
+        snapshot), so a saved cache holds just what a resumed turn reuses."""
+        if self._carried is None:
+            return
+        held = self.context.tokens
+        common = 0
+        for a, b in zip(held, self._carried):
+            if a != b:
+                break
+            common += 1
+        self.context.rewind(len(held) - common)
+
+
+def _message(text: str) -> str:
+    text = _valid(text).strip()
+    if not text:
+        raise GemmaChatError("empty message")
+    return text
+
+
+def _valid(text: str) -> str:
+    if not is_text(text):
+        raise GemmaChatError("the message is not valid text (it holds undecodable bytes)")
+    return text
 
 
 def _drop_oldest(history: list[dict]) -> list[dict]:
@@ -449,50 +530,3 @@ def _drop_oldest(history: list[dict]) -> list[dict]:
 
 def _token_at(ids: list[int], i: int) -> str:
     return f"id {ids[i]}" if i < len(ids) else "end"
-
-
-def _parse_session(data, path: Path) -> tuple[str | None, list[dict], bool | None]:
-    def bad(why: str) -> GemmaChatError:
-        return GemmaChatError(f"{path} is not a gemma-chat session ({why})")
-
-    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-        raise bad("no message list")
-    if data.get("format", SESSION_FORMAT) != SESSION_FORMAT:
-        raise bad(f"format {data.get('format')!r}")
-    if data.get("version", SESSION_VERSION) != SESSION_VERSION:
-        raise bad(f"version {data.get('version')!r}; this gemma-chat reads {SESSION_VERSION}")
-    system = data.get("system")
-    messages = []
-    for i, m in enumerate(data["messages"]):
-        if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
-            raise bad(f"message {i} has no text content")
-        role = m.get("role")
-        if role == "system" and i == 0 and system is None:
-            system = m["content"]
-        elif role in ("user", "assistant"):
-            messages.append({"role": role, "content": m["content"]})
-        else:
-            raise bad(f"message {i} has role {role!r}")
-    if system is not None and not isinstance(system, str):
-        raise bad("the system prompt is not text")
-    think = data.get("think")
-    return system or None, copy.deepcopy(messages), think if isinstance(think, bool) else None
-
-
-def write_private(path: Path, text: str) -> Path:
-    """Write `text` to `path` atomically (a temporary file renamed over it), mode 0600."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise GemmaChatError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise GemmaChatError(f"cannot write {path}: {e.strerror}") from None
-    return path

@@ -221,7 +221,8 @@ class AnswerView:
             self._refresh()
 
     def finish(self, stats: GenerationStats | None = None, note: str | None = None) -> None:
-        """Print what is left; the meter stays under the answer when `keep_meter`."""
+        """Print what is left; the meter stays under the answer when `keep_meter` and there
+        are figures to show."""
         if stats is not None:
             self.stats = stats
         if not self.live_mode:
@@ -239,7 +240,9 @@ class AnswerView:
         out += [self.answer.commit(self.console, everything=True)]
         if note:
             out.append(Text(note, style="dim"))
-        self._show(out, self._meter() if self.keep_meter else Text(""))
+        # Without figures (stopped during the prefill) the meter would stay at "prefilling…".
+        keep = self.keep_meter and self.stats is not None
+        self._show(out, self._meter() if keep else Text(""))
 
     def _end_thinking(self) -> list:
         self._thinking_done = True
@@ -256,15 +259,15 @@ class AnswerView:
         self._show(out, Group(*[t for t in tails if t], self._meter()))
 
     def _show(self, printed: list, live: RenderableType) -> None:
-        """Print finished lines above the live region and redraw it, in one write."""
+        """Redraw the live region and print finished lines above it. Live redraws its region
+        after each print from its last refresh, so it is refreshed first: updated without a
+        refresh, the print would bring back the previous frame (a stale meter, after a stop)."""
         if self._live is None:
             return
-        self._live.update(live, refresh=False)
+        self._live.update(live, refresh=True)
         printed = [p for p in printed if p is not None]
         if printed:
             self.console.print(Group(*printed))
-        else:
-            self._live.refresh()
 
     def _meter(self) -> RenderableType:
         return self.meter(self.stats) if self.meter else Text("")

@@ -196,6 +196,17 @@ class SlidingWindowCache:
         n = min(self.offset, self.capacity)
         return slot_positions(self.offset, n, self.capacity)
 
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def state(self) -> tuple[mx.array | None, mx.array | None, int, int]:
+        """All a ring is: (keys, values, offset, written), as mlx-lm's caches expose theirs.
+        Snapshots (engine/snapshot.py) and saved caches (chat/saved_cache.py) read and set it."""
+        return self.keys, self.values, self.offset, self.written
+
+    @state.setter
+    def state(self, value: tuple[mx.array | None, mx.array | None, int, int]) -> None:
+        self.keys, self.values, self.offset, self.written = value
+
     # -- rollback --------------------------------------------------------------------------
     def max_rollback(self) -> int:
         """How far the offset can move back with every position a later read needs intact.

@@ -1,0 +1,83 @@
+"""Slash commands that change the session, shared by the interactive chat and scripted (piped)
+chats, which have no terminal for the others (/stats, /verify, /help, /quit). Each takes the
+session and its argument and returns the line to show. A line that starts with `//` is a
+message that starts with `/`."""
+
+from collections.abc import Callable
+
+from ..errors import GemmaChatError
+from .session import Loaded, Session
+
+
+def parse(line: str) -> tuple[str, str] | None:
+    """(command, argument) when `line` is a slash command; None when it is a message."""
+    text = line.strip()
+    if not text.startswith("/") or text.startswith("//"):
+        return None
+    name, _, arg = text.partition(" ")
+    return name.lower(), arg.strip()
+
+
+def message(line: str) -> str:
+    """The message a line that is not a command sends: `//text` sends `/text`."""
+    text = line.strip()
+    return text[1:] if text.startswith("//") else text
+
+
+def reset(session: Session, arg: str) -> str:
+    session.reset()
+    return "new conversation"
+
+
+def system(session: Session, arg: str) -> str:
+    if not arg:
+        return f"system prompt: {session.system}" if session.system else "no system prompt"
+    session.set_system(None if arg.lower() == "off" else arg)
+    return "system prompt cleared" if session.system is None else "system prompt set"
+
+
+def mtp(session: Session, arg: str) -> str:
+    return session.set_mtp(arg) if arg else session.mtp_state()
+
+
+def think(session: Session, arg: str) -> str:
+    if arg.lower() not in ("", "on", "off"):
+        raise GemmaChatError("usage: /think on|off")
+    if arg:
+        session.set_think(arg.lower() == "on")
+    return f"thinking {'on' if session.settings.think else 'off'}"
+
+
+def save(session: Session, arg: str) -> str:
+    if not arg:
+        raise GemmaChatError("usage: /save FILE")
+    saved = session.save(arg)
+    line = f"saved {saved.messages} messages to {saved.path}"
+    if saved.cached_tokens:
+        line += f" (and its KV cache, {saved.cached_tokens:,} tokens, beside it)"
+    return line
+
+
+def load(session: Session, arg: str) -> str:
+    if not arg:
+        raise GemmaChatError("usage: /load FILE")
+    return loaded_line(session.load(arg))
+
+
+def loaded_line(loaded: Loaded) -> str:
+    line = f"loaded {loaded.messages} messages"
+    if loaded.cached_tokens:
+        return line + f" and their KV cache ({loaded.cached_tokens:,} tokens)"
+    if loaded.refused:
+        line += f"; its saved KV cache is not used: {loaded.refused}"
+    return line + "; the next answer prefills the conversation"
+
+
+SESSION_COMMANDS: dict[str, Callable[[Session, str], str]] = {
+    "/reset": reset,
+    "/system": system,
+    "/mtp": mtp,
+    "/think": think,
+    "/save": save,
+    "/load": load,
+}

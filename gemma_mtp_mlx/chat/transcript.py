@@ -1,0 +1,103 @@
+"""A saved conversation's transcript: JSON with the system prompt, the thinking switch and the
+messages, which `/load` validates before anything of it is used."""
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import GemmaChatError
+from .private_files import write_private
+
+SESSION_FORMAT = "gemma-chat.session"
+SESSION_VERSION = 1
+
+
+@dataclass
+class Transcript:
+    system: str | None
+    think: bool | None  # None: the file does not say
+    messages: list[dict]  # user and assistant turns, alternating, the user first
+    model: str | None = None  # the model it was saved with, for people reading the file
+
+    def digest(self) -> str:
+        """What identifies the conversation (not the model name): a saved KV cache records it
+        to refuse being used with another transcript."""
+        content = {"system": self.system, "think": self.think, "messages": self.messages}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def write_transcript(path: Path, transcript: Transcript) -> Path:
+    data = {
+        "format": SESSION_FORMAT,
+        "version": SESSION_VERSION,
+        "model": transcript.model,
+        "system": transcript.system,
+        "think": transcript.think,
+        "messages": transcript.messages,
+    }
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return write_private(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_transcript(path: Path) -> Transcript:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GemmaChatError(f"no session file at {path}") from None
+    except IsADirectoryError:
+        raise GemmaChatError(f"{path} is a folder, not a session file") from None
+    except OSError as e:
+        raise GemmaChatError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GemmaChatError(f"{path} is not a gemma-chat session (not JSON: {e})") from None
+    return parse_transcript(data, path)
+
+
+def parse_transcript(data, path: Path) -> Transcript:
+    def bad(why: str) -> GemmaChatError:
+        return GemmaChatError(f"{path} is not a gemma-chat session ({why})")
+
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise bad("no message list")
+    if data.get("format", SESSION_FORMAT) != SESSION_FORMAT:
+        raise bad(f"format {data.get('format')!r}")
+    if data.get("version", SESSION_VERSION) != SESSION_VERSION:
+        raise bad(f"version {data.get('version')!r}; this gemma-chat reads {SESSION_VERSION}")
+    system = data.get("system")
+    messages = []
+    for i, m in enumerate(data["messages"]):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
+            raise bad(f"message {i} has no text content")
+        if not is_text(m["content"]):
+            raise bad(f"message {i} is not valid Unicode text")
+        role = m.get("role")
+        if role == "system" and i == 0 and system is None:
+            system = m["content"]
+            continue
+        if role not in ("user", "assistant"):
+            raise bad(f"message {i} has role {role!r}")
+        expected = "user" if len(messages) % 2 == 0 else "assistant"
+        if role != expected:
+            raise bad(f"message {i} is a second {role} turn in a row; turns alternate")
+        messages.append({"role": role, "content": m["content"]})
+    if messages and messages[-1]["role"] == "user":
+        raise bad("the last user message has no answer")
+    if system is not None and not (isinstance(system, str) and is_text(system)):
+        raise bad("the system prompt is not text")
+    think = data.get("think")
+    if think is not None and not isinstance(think, bool):
+        raise bad(f"think is {think!r}, not true or false")
+    model = data.get("model") if isinstance(data.get("model"), str) else None
+    return Transcript(system or None, think, copy.deepcopy(messages), model)
+
+
+def is_text(s: str) -> bool:
+    """Encodable as UTF-8: no lone surrogates (JSON escapes such as \\udcff decode to them, and
+    so do undecodable bytes read with surrogateescape); the tokenizer rejects them."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
