@@ -40,7 +40,7 @@ def test_greedy_rows_equal_their_own_runs_past_the_window(echo_pairs, shape, cen
 def test_rows_end_on_their_own(echo_pairs, mode):
     """End-of-sequence and per-row limits: a finished row leaves, the others go on unchanged."""
     pair = echo_pairs[("moe", True)]
-    limits = [3, 30, 1, 17]
+    limits = [3, 60, 1, 45]
     answers = generate_batch(pair, PROMPTS, max_tokens=limits, **mode)
     if mode:
         assert len({a.stats.accepted for a in answers}) > 1  # rows at different acceptance

@@ -6,14 +6,14 @@ import pytest
 from gemma_mtp_mlx import generate
 from gemma_mtp_mlx.engine import decode
 from gemma_mtp_mlx.engine.costs import RowCosts, measurements_for
-from gemma_mtp_mlx.engine.decode import BASELINE_DRIFT, BASELINE_STEPS
+from gemma_mtp_mlx.engine.decode import BASELINE_AFTER, BASELINE_EVERY, BASELINE_STEPS
 from gemma_mtp_mlx.engine.policy import PARKED_PROBE_START, DraftPolicy, expected_tokens
 
 PROMPT = [2, 40, 77, 301, 12]
 
 
 def measured(plain: float, rounds: dict[int, float]) -> RowCosts:
-    return RowCosts(plain=plain, rounds=dict(rounds), plain_context=0)
+    return RowCosts(plain=plain, rounds=dict(rounds))
 
 
 def test_expected_tokens():
@@ -23,7 +23,7 @@ def test_expected_tokens():
 
 def test_costs_interpolate_extrapolate_and_start_from_priors():
     costs = RowCosts()
-    costs.observe_plain(1.0, context=10)
+    costs.observe_plain(1.0)
     assert costs.round_seconds(0) == 1.0
     assert costs.round_seconds(2) == pytest.approx(1.2 + 2 * 0.25)  # priors only
     costs.observe_round(2, 3.0)
@@ -35,8 +35,8 @@ def test_costs_interpolate_extrapolate_and_start_from_priors():
     assert costs.round_seconds(1) == pytest.approx(2.5)
     costs.observe_round(4, 6.0)  # a decayed average: the past weighs 0.8
     assert costs.round_seconds(4) == pytest.approx(4.4)
-    costs.observe_plain(2.0, context=20)  # the plain step follows the context too
-    assert 1.0 < costs.plain < 2.0 and costs.plain_context == 20
+    costs.observe_plain(2.0)  # the plain step follows the context too
+    assert 1.0 < costs.plain < 2.0
 
 
 def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
@@ -137,22 +137,28 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     assert stats.baseline_steps == BASELINE_STEPS
     costs = measurements_for(pair.target, pair.drafter).rows(1)
     assert costs.plain == pytest.approx(0.05, rel=0.2) and 3 in costs.rounds
-    # The next answer at about the same context measures nothing again: it drafts at once,
-    # and its baseline is the one measured before it.
-    again = read(clock, generate(pair, PROMPT, max_tokens=20, ignore_eos=True, draft_tokens=3), 0.05)
-    assert again[1].round.drafted == 3
-    assert again[-1].stats.baseline_is_earlier
+    # The next answer drafts at once (the pair's plain step is known) and measures its own
+    # baseline BASELINE_AFTER rounds in, away from the slower first steps after a prefill.
+    again = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.05)
+    rounds = [c.round for c in again[1:]]
+    assert [r.drafted for r in rounds[:BASELINE_AFTER + 1]] == [3] * BASELINE_AFTER + [0]
+    assert again[-1].stats.baseline_steps == BASELINE_STEPS and not again[-1].stats.baseline_is_earlier
+    # One too short to reach that point shows the pair's latest measurement, and says so.
+    short = read(clock, generate(pair, PROMPT, max_tokens=6, ignore_eos=True, draft_tokens=3), 0.05)
+    assert short[-1].stats.baseline_is_earlier
+    assert short[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.plain)
 
 
 def test_the_baseline_is_measured_again_as_the_context_grows(echo_pairs, clock):
     pair = echo_pairs[("moe", False)]
     measurements_for(pair.target, pair.drafter).by_rows.clear()
-    chunks = read(
-        clock, generate(pair, PROMPT, max_tokens=2 * BASELINE_DRIFT + 40, ignore_eos=True, draft_tokens=2), 0.0
-    )
+    chunks = read(clock, generate(pair, PROMPT, max_tokens=700, ignore_eos=True, draft_tokens=2), 0.0)
     measuring = [c.round.measuring for c in chunks[1:]]
-    bursts = sum(1 for a, b in zip([False] + measuring, measuring) if b and not a)
-    assert bursts == 3  # at the start, then every BASELINE_DRIFT tokens of context
+    starts = [i for i, m in enumerate(measuring) if m and (i == 0 or not measuring[i - 1])]
+    assert starts[0] == 0 and len(starts) >= 3  # at once (nothing measured yet), then again
+    # every BASELINE_EVERY rounds (a burst: the step filling the pipeline, the samples, the
+    # step handing over to drafting)
+    assert {b - a for a, b in zip(starts, starts[1:])} == {BASELINE_EVERY + BASELINE_STEPS}
 
 
 def test_policy_rounds_are_lossless(echo_pairs):

@@ -24,6 +24,8 @@ verify pass queued behind them.
 import weakref
 from dataclasses import dataclass, field
 
+from .policy import DraftPolicy
+
 DECAY = 0.8  # weight of the past in each running average
 # Before any drafting round has run, a round of K drafts is taken to cost a plain step and a
 # fifth (the verify pass and accepting, which the pipelined plain step hides), plus a quarter
@@ -39,11 +41,9 @@ def _average(old: float | None, new: float) -> float:
 class RowCosts:
     plain: float | None = None
     rounds: dict[int, float] = field(default_factory=dict)
-    plain_context: int | None = None  # context length at the latest plain step
 
-    def observe_plain(self, seconds: float, context: int) -> None:
+    def observe_plain(self, seconds: float) -> None:
         self.plain = _average(self.plain, seconds)
-        self.plain_context = context
 
     def observe_round(self, k: int, seconds: float) -> None:
         self.rounds[k] = _average(self.rounds.get(k), seconds)
@@ -71,11 +71,13 @@ class RowCosts:
 
 
 class Measurements:
-    """Costs by number of rows for one (target, drafter) pair, kept for as long as both live,
-    so that every answer of a chat and every batch starts from what earlier ones learned."""
+    """Costs by number of rows and the draft policy (its acceptance estimates) for one
+    (target, drafter) pair, kept for as long as both live, so that every answer of a chat,
+    every batch and every request to the server starts from what earlier ones learned."""
 
     def __init__(self):
         self.by_rows: dict[int, RowCosts] = {}
+        self.policy = DraftPolicy()
 
     def rows(self, b: int) -> RowCosts:
         return self.by_rows.setdefault(b, RowCosts())

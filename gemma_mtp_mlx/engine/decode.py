@@ -8,10 +8,14 @@ same treatment whatever runs beside it: the draft length from the policy (or fix
 that no round drafts past an answer's end, the baseline measurement, the plain pipeline.
 
 K per round comes from `DraftPolicy` over the costs this machine has shown so far
-(engine/costs.py), learned from these very rounds. Plain steps are the baseline behind the
-speedup meter: when none was measured near the current context, the next few rounds are
-plain steps (BASELINE_STEPS after the one that fills the pipeline), a measurement that costs
-only those rounds' missed drafting.
+(engine/costs.py), learned from these very rounds. Steady plain steps are the baseline behind
+the speedup meter, and each answer measures its own: a few rounds in (BASELINE_AFTER, so not
+the first steps after a prefill, which run slower than the rest) and again every
+BASELINE_EVERY rounds as the context grows, some rounds are plain steps (BASELINE_STEPS after
+the one that fills the pipeline), which costs only those rounds' missed drafting. A pair that
+has no plain step measured yet measures first: the policy needs it. Parked rounds are samples
+too. Counting rounds rather than tokens keeps the rows of a batch on the schedule each would
+have alone (they start together and share every round).
 """
 
 import time
@@ -22,7 +26,7 @@ from ..errors import GemmaChatError
 from .context import Context
 from .costs import RowCosts, measurements_for
 from .plain import PlainSteps
-from .policy import DraftPolicy
+from .policy import POLICY_MAX_DRAFT
 from .rollback import max_draft_tokens
 from .sampling import Sampler
 from .speculative import Row, run_round
@@ -31,9 +35,9 @@ from .stats import GenerationStats, RoundStats
 # Every duration here is read from this clock (tests put a controlled one in its place).
 clock = time.perf_counter
 
-POLICY_MAX_DRAFT = 6  # the most drafts the policy considers (a fixed K may ask for more)
-BASELINE_STEPS = 3  # steady plain steps per baseline measurement
-BASELINE_DRIFT = 256  # measure again once the context is this many tokens from the last one
+BASELINE_STEPS = 4  # steady plain steps per baseline measurement
+BASELINE_AFTER = 4  # rounds into an answer before it measures its baseline
+BASELINE_EVERY = 100  # rounds after which it measures again (the context has grown)
 
 
 @dataclass(eq=False)
@@ -45,6 +49,7 @@ class Stream:
     stop: frozenset[int]  # end-of-sequence ids (empty: run to max_tokens)
     stats: GenerationStats
     last_out: float  # when its latest tokens were out
+    rounds_to_baseline: int  # rounds before it measures its baseline (again)
     emitted: int = 0
     finish_reason: str | None = None  # "stop" or "length" once finished
 
@@ -79,9 +84,6 @@ class Decoder:
                 f"draft tokens must be between 0 and {max_draft_tokens()}"
             )
         self.fixed_k = draft_tokens
-        self.policy = None
-        if self.drafter is not None and draft_tokens is None:
-            self.policy = DraftPolicy(POLICY_MAX_DRAFT)
         self.measurements = measurements_for(self.target, self.drafter)
         self.streams: list[Stream] = []
         self.plain: PlainSteps | None = None
@@ -114,14 +116,22 @@ class Decoder:
             raise GemmaChatError(f"at most {most} draft tokens with this context")
         self._close_plain()  # the pipeline restarts with the newcomer in it
         stats = GenerationStats(context_tokens=len(ctx.tokens))
-        stats.earlier_baseline_seconds = self.measurements.rows(len(self.streams) + 1).plain
+        earlier = self.measurements.rows(len(self.streams) + 1).plain
+        stats.earlier_baseline_seconds = earlier
         start = clock()
         logits, hidden, stats.prompt_tokens = ctx.prefill(prompt)
         token = sampler.pick(logits[0, 0]).reshape(1, 1)
         first = token.item()
         now = clock()
         stats.prefill_seconds = now - start
-        stream = Stream(Row(ctx, sampler, token, hidden), max_tokens, frozenset(stop), stats, now)
+        stream = Stream(
+            Row(ctx, sampler, token, hidden),
+            max_tokens,
+            frozenset(stop),
+            stats,
+            last_out=now,
+            rounds_to_baseline=0 if earlier is None else BASELINE_AFTER,
+        )
         kept = self._keep(stream, [first])
         if stream.finish_reason is None:
             self.streams.append(stream)
@@ -167,9 +177,8 @@ class Decoder:
         end = clock()
         if not handed_over:  # after a hand-over the round's time lacks the reader's work
             costs.observe_round(k, end - self.last_end)
-        if self.policy is not None:
-            for r in results:
-                self.policy.observe(k, r.accepted)
+        for r in results:
+            self.measurements.policy.observe(k, r.accepted)
         rounds = [
             (s, r.tokens, RoundStats(k, r.accepted))
             for s, r in zip(streams, results)
@@ -181,7 +190,7 @@ class Decoder:
         (`self.measuring`)."""
         if self.drafter is None:
             return 0
-        due = costs.plain is None or abs(self._context() - costs.plain_context) > BASELINE_DRIFT
+        due = costs.plain is None or any(s.rounds_to_baseline <= 0 for s in self.streams)
         if due and not self.baseline_left:
             self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
         self.measuring = bool(self.baseline_left)
@@ -192,8 +201,8 @@ class Decoder:
         room = max(s.max_tokens - s.emitted for s in self.streams) - 1 - (self.plain is not None)
         if room <= 0:
             return 0
-        if self.policy is not None:
-            return self.policy.choose(costs, room)
+        if self.fixed_k is None:
+            return self.measurements.policy.choose(costs, room)
         return min(self.fixed_k, room)
 
     def _plain_step(self, costs: RowCosts) -> list[Emitted]:
@@ -204,7 +213,9 @@ class Decoder:
         ids = self.plain.step()
         end = clock()
         if steady:
-            costs.observe_plain(end - self.last_end, self._context())
+            costs.observe_plain(end - self.last_end)
+            for s in self.streams:
+                s.rounds_to_baseline = BASELINE_EVERY
         step = RoundStats(0, plain_steady=steady, measuring=self.measuring)
         out = self._emit([(s, [t], replace(step)) for s, t in zip(self.streams, ids)], end)
         if self.plain is not None and not self.plain.rows:
@@ -220,6 +231,7 @@ class Decoder:
         for s, tokens, stats in rounds:
             kept = self._keep(s, tokens)
             stats.emitted, stats.seconds, s.last_out = len(kept), end - s.last_out, end
+            s.rounds_to_baseline -= 1
             s.stats.add_round(stats)
             s.stats.earlier_baseline_seconds = costs.plain
             out.append(Emitted(s, kept, stats, s.finish_reason))
@@ -241,6 +253,3 @@ class Decoder:
         s.emitted += len(tokens)
         s.stats.generated_tokens = s.emitted
         return tokens
-
-    def _context(self) -> int:
-        return sum(len(s.row.ctx.tokens) for s in self.streams) // max(1, len(self.streams))

@@ -1,5 +1,6 @@
-"""How many tokens to draft each round, from the costs measured on this machine (engine/costs.py)
-and the acceptance seen so far; K = 0 ("parked") when drafting cannot beat plain decoding.
+"""How many tokens to draft each round, from the costs measured on this machine (engine/costs.py,
+`RowCosts`) and the acceptance seen so far; K = 0 ("parked") when drafting cannot beat plain
+decoding. Both are kept per model pair, across answers.
 
 With a_i the running probability that draft i is accepted once drafts 1..i-1 were, a round of
 K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens in C(K) seconds (costs.py); plain
@@ -10,8 +11,8 @@ unparks; each probe that does not unpark doubles the wait for the next (PARKED_P
 rounds up to PARKED_PROBE_MAX), so a drafter that never hits costs next to nothing.
 """
 
-from .costs import RowCosts
 
+POLICY_MAX_DRAFT = 6  # the most drafts the policy considers (a fixed K may ask for more)
 PARKED_PROBE_START = 16  # a probe that misses costs about one plain step more than it brings
 PARKED_PROBE_MAX = 128
 # Acceptance estimates start optimistic-but-uncertain and follow recent rounds (exponential decay).
@@ -28,7 +29,7 @@ def expected_tokens(k: int, acceptance: list[float]) -> float:
 
 
 class DraftPolicy:
-    def __init__(self, max_draft: int):
+    def __init__(self, max_draft: int = POLICY_MAX_DRAFT):
         self.max_draft = max_draft
         self.accepted = [PRIOR_ACCEPTED * PRIOR_SEEN] * max_draft
         self.seen = [PRIOR_SEEN] * max_draft
@@ -39,7 +40,7 @@ class DraftPolicy:
     def acceptance(self) -> list[float]:
         return [a / s for a, s in zip(self.accepted, self.seen)]
 
-    def best(self, costs: RowCosts) -> int:
+    def best(self, costs) -> int:
         acceptance = self.acceptance
         rates = [
             expected_tokens(k, acceptance) / costs.round_seconds(k)
@@ -47,7 +48,7 @@ class DraftPolicy:
         ]
         return max(range(len(rates)), key=rates.__getitem__)
 
-    def choose(self, costs: RowCosts, limit: int) -> int:
+    def choose(self, costs, limit: int) -> int:
         """The draft length for the next round, at most `limit`."""
         k = self.best(costs)
         if k == 0:

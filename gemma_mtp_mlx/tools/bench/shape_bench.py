@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ...engine.decode import POLICY_MAX_DRAFT
+from ...engine.policy import POLICY_MAX_DRAFT
 from .costs import COST_TOKENS, cost_curve
 from .machine import busy_note, machine, preload_note
 from .measure import Variant, alternate, run_ours
