@@ -23,8 +23,8 @@ from rich.markup import escape
 
 from . import __version__
 from .aliases import ALIASES, check_precision
-from .engine.rollback import max_draft_tokens
 from .errors import DownloadInterrupted, GemmaChatError
+from .models.rollback import max_draft_tokens
 
 if TYPE_CHECKING:  # the chat and the engine load only when a command needs them
     from .chat.session import Session, Turn

@@ -18,8 +18,8 @@ import re
 import sys
 from dataclasses import dataclass
 
-from .engine.rollback import DEFAULT_SLACK
 from .errors import GemmaChatError
+from .models.rollback import DEFAULT_SLACK
 
 DEFAULT_SHARE = 0.75
 

@@ -166,3 +166,25 @@ def offline_env(hub_cache, tmp_path) -> dict[str, str]:
         "HF_HUB_CACHE": str(hub_cache),
         "GEMMA_CHAT_STATE_DIR": str(tmp_path / "state"),
     }
+
+
+class Clock:
+    """A controlled clock: the engine's own work takes `tick` per reading, the reader's time
+    between chunks is what the test adds to `now`."""
+
+    def __init__(self, tick: float = 0.001):
+        self.now, self.tick = 1000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The decoder reads this clock instead of the machine's (time passes only as tests say)."""
+    from gemma_mtp_mlx.engine import decode
+
+    c = Clock()
+    monkeypatch.setattr(decode, "clock", c)
+    return c

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from gemma_mtp_mlx import blas
 from gemma_mtp_mlx.cli import app
-from gemma_mtp_mlx.engine.rollback import max_draft_tokens
+from gemma_mtp_mlx.models.rollback import max_draft_tokens
 from tests.test_chat import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,14 @@ real rounds (synthetic figures here), and what the decoder times, under a contro
 import pytest
 
 from gemma_mtp_mlx import generate
-from gemma_mtp_mlx.engine import decode
 from gemma_mtp_mlx.engine.costs import RowCosts, measurements_for
-from gemma_mtp_mlx.engine.decode import BASELINE_AFTER, BASELINE_EVERY, BASELINE_STEPS
+from gemma_mtp_mlx.engine.decode import (
+    BASELINE_AFTER,
+    BASELINE_DRIFT,
+    BASELINE_EVERY,
+    BASELINE_REFRESH,
+    BASELINE_STEPS,
+)
 from gemma_mtp_mlx.engine.policy import PARKED_PROBE_START, DraftPolicy, expected_tokens
 
 PROMPT = [2, 40, 77, 301, 12]
@@ -23,7 +28,7 @@ def test_expected_tokens():
 
 def test_costs_interpolate_extrapolate_and_start_from_priors():
     costs = RowCosts()
-    costs.observe_plain(1.0)
+    costs.observe_plain(1.0, at=0.0, context=10)
     assert costs.round_seconds(0) == 1.0
     assert costs.round_seconds(2) == pytest.approx(1.2 + 2 * 0.25)  # priors only
     costs.observe_round(2, 3.0)
@@ -35,8 +40,8 @@ def test_costs_interpolate_extrapolate_and_start_from_priors():
     assert costs.round_seconds(1) == pytest.approx(2.5)
     costs.observe_round(4, 6.0)  # a decayed average: the past weighs 0.8
     assert costs.round_seconds(4) == pytest.approx(4.4)
-    costs.observe_plain(2.0)  # the plain step follows the context too
-    assert 1.0 < costs.plain < 2.0
+    costs.observe_plain(2.0, at=1.0, context=20)  # a decayed average too
+    assert 1.0 < costs.plain < 2.0 and (costs.measured_at, costs.measured_context) == (1.0, 20)
 
 
 def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
@@ -77,26 +82,7 @@ def test_policy_follows_what_rounds_really_cost():
     assert policy.best(costs) == 2
 
 
-class Clock:
-    """A controlled clock: the engine's own work takes `tick` per reading, the reader's time
-    between chunks is what the test adds to `now`."""
-
-    def __init__(self, tick: float = 0.001):
-        self.now, self.tick = 1000.0, tick
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    c = Clock()
-    monkeypatch.setattr(decode, "clock", c)
-    return c
-
-
-def read(clock: Clock, chunks, reader_seconds: float):
+def read(clock, chunks, reader_seconds: float):
     """Every chunk, the reader spending `reader_seconds` on each before asking for the next."""
     out = []
     for chunk in chunks:
@@ -137,28 +123,34 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     assert stats.baseline_steps == BASELINE_STEPS
     costs = measurements_for(pair.target, pair.drafter).rows(1)
     assert costs.plain == pytest.approx(0.05, rel=0.2) and 3 in costs.rounds
-    # The next answer drafts at once (the pair's plain step is known) and measures its own
-    # baseline BASELINE_AFTER rounds in, away from the slower first steps after a prefill.
+    # The next answer, seconds later at about the same context, drafts throughout and shows
+    # that measurement, saying it was taken earlier.
     again = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.05)
-    rounds = [c.round for c in again[1:]]
-    assert [r.drafted for r in rounds[:BASELINE_AFTER + 1]] == [3] * BASELINE_AFTER + [0]
-    assert again[-1].stats.baseline_steps == BASELINE_STEPS and not again[-1].stats.baseline_is_earlier
-    # One too short to reach that point shows the pair's latest measurement, and says so.
-    short = read(clock, generate(pair, PROMPT, max_tokens=6, ignore_eos=True, draft_tokens=3), 0.05)
-    assert short[-1].stats.baseline_is_earlier
-    assert short[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.plain)
+    assert all(c.round.drafted for c in again[1:-2])
+    assert again[-1].stats.baseline_is_earlier
+    assert again[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.plain)
+    # Once that measurement is BASELINE_REFRESH seconds old, an answer measures its own,
+    # BASELINE_AFTER rounds in (not the slower first steps after a prefill).
+    clock.now += BASELINE_REFRESH + 1
+    later = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.05)
+    rounds = [c.round for c in later[1:]]
+    assert [r.drafted for r in rounds[: BASELINE_AFTER + 1]] == [3] * BASELINE_AFTER + [0]
+    assert later[-1].stats.baseline_steps == BASELINE_STEPS
+    assert not later[-1].stats.baseline_is_earlier
 
 
 def test_the_baseline_is_measured_again_as_the_context_grows(echo_pairs, clock):
+    """With the clock all but still, only the context's growth makes a measurement stale: it
+    is taken again at the first check (every BASELINE_EVERY rounds) past BASELINE_DRIFT tokens."""
     pair = echo_pairs[("moe", False)]
     measurements_for(pair.target, pair.drafter).by_rows.clear()
-    chunks = read(clock, generate(pair, PROMPT, max_tokens=700, ignore_eos=True, draft_tokens=2), 0.0)
+    chunks = read(clock, generate(pair, PROMPT, max_tokens=900, ignore_eos=True, draft_tokens=2), 0.0)
     measuring = [c.round.measuring for c in chunks[1:]]
     starts = [i for i, m in enumerate(measuring) if m and (i == 0 or not measuring[i - 1])]
-    assert starts[0] == 0 and len(starts) >= 3  # at once (nothing measured yet), then again
-    # every BASELINE_EVERY rounds (a burst: the step filling the pipeline, the samples, the
-    # step handing over to drafting)
-    assert {b - a for a, b in zip(starts, starts[1:])} == {BASELINE_EVERY + BASELINE_STEPS}
+    assert starts[0] == 0 and len(starts) >= 2  # at once (nothing measured yet), then again
+    emitted = [sum(len(c.token_ids) for c in chunks[: i + 2]) for i in starts]
+    assert all(b - a > BASELINE_DRIFT for a, b in zip(emitted, emitted[1:]))
+    assert all(b - a >= BASELINE_EVERY for a, b in zip(starts, starts[1:]))
 
 
 def test_policy_rounds_are_lossless(echo_pairs):
@@ -181,3 +173,25 @@ def test_a_drafter_that_never_hits_gets_parked(pairs):
         ids += chunk.token_ids
         stats = chunk.stats
     assert stats.drafted < 0.5 * stats.rounds
+
+
+def test_an_answer_joining_a_running_decoder_takes_its_recent_measurement(echo_pairs, clock):
+    """A refilled batch or a server adds answers to a decoder that measured a moment ago at
+    this many rows: they show that measurement instead of calling a plain burst of their own."""
+    from gemma_mtp_mlx.engine.batch import generate_batch
+    from gemma_mtp_mlx.engine.decode import Decoder
+    from gemma_mtp_mlx.engine.generate import make_sampler
+
+    pair = echo_pairs[("dense", False)]
+    options = dict(max_tokens=30, draft_tokens=2, ignore_eos=True)
+    list(generate_batch(pair, [PROMPT, [2, 9, 310]], **options))  # 2 rows measured
+    decoder = Decoder(pair, draft_tokens=2)
+    sampler, stop = make_sampler(pair, ignore_eos=True)
+    decoder.add(PROMPT, sampler, max_tokens=400, stop=stop)
+    for _ in range(10):
+        decoder.step()
+    late = decoder.add([2, 9, 310], make_sampler(pair, ignore_eos=True)[0], max_tokens=400, stop=stop)
+    rounds = [e.round for _ in range(2 * BASELINE_AFTER) for e in decoder.step()]
+    assert not any(r.measuring for r in rounds)
+    assert late.stream.stats.baseline_is_earlier  # shows the latest measurement at 2 rows
+    decoder.close()

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ..engine.context import Context, PrefillStopped
 from ..engine.generate import generate
-from ..engine.rollback import DEFAULT_SLACK, max_draft_tokens
 from ..engine.stats import GenerationStats
 from ..errors import GemmaChatError
+from ..models.rollback import DEFAULT_SLACK, max_draft_tokens
 from .saved_cache import CacheRefused, cache_path, read_cache, write_cache
 from .thinking import ChannelSplitter, strip_channels
 from .transcript import Transcript, is_text, read_transcript, write_transcript

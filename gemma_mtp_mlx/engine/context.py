@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from ..errors import GemmaChatError
 from ..models.gemma4 import Model
-from .rollback import DEFAULT_SLACK
+from ..models.rollback import DEFAULT_SLACK
 from .snapshot import Snapshot, restore, take
 
 # Tokens per prefill chunk: also how long a Ctrl-C waits. Measured on the demo pair on a 2-core
@@ -29,6 +29,8 @@ from .snapshot import Snapshot, restore, take
 # the same total time (with OpenBLAS: 0.56 s and 0.22 s). Not measured on a Mac GPU, where
 # larger chunks may prefill a little faster.
 PREFILL_CHUNK = 128
+
+
 class PrefillStopped(Exception):
     """A stop was requested during a prefill: the context holds the chunks run so far."""
 

@@ -41,9 +41,12 @@ def _average(old: float | None, new: float) -> float:
 class RowCosts:
     plain: float | None = None
     rounds: dict[int, float] = field(default_factory=dict)
+    measured_at: float | None = None  # clock reading of the latest plain step
+    measured_context: int = 0  # context length then
 
-    def observe_plain(self, seconds: float) -> None:
+    def observe_plain(self, seconds: float, at: float, context: int) -> None:
         self.plain = _average(self.plain, seconds)
+        self.measured_at, self.measured_context = at, context
 
     def observe_round(self, k: int, seconds: float) -> None:
         self.rounds[k] = _average(self.rounds.get(k), seconds)

@@ -9,13 +9,15 @@ that no round drafts past an answer's end, the baseline measurement, the plain p
 
 K per round comes from `DraftPolicy` over the costs this machine has shown so far
 (engine/costs.py), learned from these very rounds. Steady plain steps are the baseline behind
-the speedup meter, and each answer measures its own: a few rounds in (BASELINE_AFTER, so not
-the first steps after a prefill, which run slower than the rest) and again every
-BASELINE_EVERY rounds as the context grows, some rounds are plain steps (BASELINE_STEPS after
+the speedup meter. A few rounds into an answer (BASELINE_AFTER: the first steps after a prefill
+run slower than the rest) and every BASELINE_EVERY rounds after, the decoder checks that the
+pair has a plain step measured for this many rows within the last BASELINE_REFRESH seconds and
+BASELINE_DRIFT tokens of context; if not, the next rounds are plain steps (BASELINE_STEPS after
 the one that fills the pipeline), which costs only those rounds' missed drafting. A pair that
-has no plain step measured yet measures first: the policy needs it. Parked rounds are samples
-too. Counting rounds rather than tokens keeps the rows of a batch on the schedule each would
-have alone (they start together and share every round).
+has no plain step measured yet measures at once: the policy needs it. Parked rounds are samples
+too. An answer that measured none of its own shows the pair's latest, and says so. Counting
+rounds rather than tokens keeps the rows of a batch on the schedule each would have alone (they
+start together and share every round).
 """
 
 import time
@@ -23,11 +25,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from ..errors import GemmaChatError
+from ..models.rollback import max_draft_tokens
 from .context import Context
 from .costs import RowCosts, measurements_for
 from .plain import PlainSteps
 from .policy import POLICY_MAX_DRAFT
-from .rollback import max_draft_tokens
 from .sampling import Sampler
 from .speculative import Row, run_round
 from .stats import GenerationStats, RoundStats
@@ -36,8 +38,10 @@ from .stats import GenerationStats, RoundStats
 clock = time.perf_counter
 
 BASELINE_STEPS = 4  # steady plain steps per baseline measurement
-BASELINE_AFTER = 4  # rounds into an answer before it measures its baseline
-BASELINE_EVERY = 100  # rounds after which it measures again (the context has grown)
+BASELINE_AFTER = 4  # rounds into an answer before its baseline is checked
+BASELINE_EVERY = 100  # rounds between later checks
+BASELINE_REFRESH = 20.0  # seconds after which a measurement is taken again (the machine changes)
+BASELINE_DRIFT = 256  # tokens of context after which it is taken again (attention grows)
 
 
 @dataclass(eq=False)
@@ -49,7 +53,7 @@ class Stream:
     stop: frozenset[int]  # end-of-sequence ids (empty: run to max_tokens)
     stats: GenerationStats
     last_out: float  # when its latest tokens were out
-    rounds_to_baseline: int  # rounds before it measures its baseline (again)
+    rounds_to_baseline: int  # rounds before its baseline is checked (again)
     emitted: int = 0
     finish_reason: str | None = None  # "stop" or "length" once finished
 
@@ -190,7 +194,10 @@ class Decoder:
         (`self.measuring`)."""
         if self.drafter is None:
             return 0
-        due = costs.plain is None or any(s.rounds_to_baseline <= 0 for s in self.streams)
+        checked = [s for s in self.streams if s.rounds_to_baseline <= 0]
+        for s in checked:
+            s.rounds_to_baseline = BASELINE_EVERY
+        due = costs.plain is None or (bool(checked) and self._stale(costs))
         if due and not self.baseline_left:
             self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
         self.measuring = bool(self.baseline_left)
@@ -213,9 +220,7 @@ class Decoder:
         ids = self.plain.step()
         end = clock()
         if steady:
-            costs.observe_plain(end - self.last_end)
-            for s in self.streams:
-                s.rounds_to_baseline = BASELINE_EVERY
+            costs.observe_plain(end - self.last_end, end, self._context())
         step = RoundStats(0, plain_steady=steady, measuring=self.measuring)
         out = self._emit([(s, [t], replace(step)) for s, t in zip(self.streams, ids)], end)
         if self.plain is not None and not self.plain.rows:
@@ -253,3 +258,14 @@ class Decoder:
         s.emitted += len(tokens)
         s.stats.generated_tokens = s.emitted
         return tokens
+
+    def _stale(self, costs: RowCosts) -> bool:
+        """No plain step measured for this many rows recently enough, near enough."""
+        return (
+            costs.measured_at is None
+            or clock() - costs.measured_at > BASELINE_REFRESH
+            or abs(self._context() - costs.measured_context) > BASELINE_DRIFT
+        )
+
+    def _context(self) -> int:
+        return sum(len(s.row.ctx.tokens) for s in self.streams) // max(1, len(self.streams))
