@@ -62,8 +62,9 @@ class DraftPolicy:
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Learn the acceptance of a drafting round. Draft i was tried iff drafts 1..i-1 were
-        accepted, so each tried position is one Bernoulli observation of a_i."""
-        for i in range(drafted):
+        accepted, so each tried position is one Bernoulli observation of a_i (a fixed K may
+        draft beyond the positions the policy considers)."""
+        for i in range(min(drafted, self.max_draft)):
             self.accepted[i] = self.accepted[i] * DECAY + (1.0 if i < accepted else 0.0)
             self.seen[i] = self.seen[i] * DECAY + 1.0
             if i >= accepted:

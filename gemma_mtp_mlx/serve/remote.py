@@ -259,6 +259,7 @@ class RemoteTurn:
         self.settings = replace(session.settings)
         self.max_tokens = self.settings.max_tokens
         self.dropped = 0  # the server, not this side, decides what fits its context
+        self.capped = False  # and how long an answer may be
         self.used_mtp = False  # no local drafting: the figures are the server's
         self.draft_now = None
         self.text = ""
