@@ -2,7 +2,7 @@
 
 import pytest
 
-from gemma_mtp_mlx.engine import batch
+from gemma_mtp_mlx.engine import batch, decode
 from tests.conftest import generated_ids
 
 
@@ -61,15 +61,16 @@ def test_a_finished_row_makes_room_for_the_next_prompt(echo_pairs):
         )
 
 
-def test_sampled_rows_equal_their_own_seeded_runs(echo_pairs, clock):
+def test_sampled_rows_equal_their_own_seeded_runs(echo_pairs, monkeypatch):
     """Row b draws from its own key stream (seed + b), the draws a single run with that seed
     makes: with the same draft length every round, batched sampling must reproduce those runs
     token for token. Same rounds means no run pauses to measure the baseline where another
-    does not: the engine's measurements are warmed for every batch size first, and the
-    controlled clock keeps them from going stale. (With the policy the draft lengths follow
+    does not: the engine's measurements are warmed for every batch size first, and kept from
+    going stale. (With the policy the draft lengths follow
     this machine's timings; sampled rows are compared in distribution in test_sampling.) Near its limit
     a row drafts as little as the longest row in the batch needs, a single run as it needs
     itself: the last rounds may differ, so the first 30 of 40 tokens are compared."""
+    monkeypatch.setattr(decode, "BASELINE_REFRESH", float("inf"))
     for centroids in (False, True):
         pair = echo_pairs[("e2b", centroids)]
         options = dict(temperature=1.0, top_k=50, ignore_eos=True, draft_tokens=2, max_tokens=40)

@@ -129,9 +129,9 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     assert all(c.round.drafted for c in again[1:-2])
     assert again[-1].stats.baseline_is_earlier
     assert again[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.plain)
-    # Once that measurement is BASELINE_REFRESH seconds old, an answer measures its own,
-    # BASELINE_AFTER rounds in (not the slower first steps after a prefill).
-    clock.now += BASELINE_REFRESH + 1
+    # Once that measurement is as old as BASELINE_REFRESH plain steps, an answer measures its
+    # own, BASELINE_AFTER rounds in (not the slower first steps after a prefill).
+    clock.now += BASELINE_REFRESH * costs.plain
     later = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.05)
     rounds = [c.round for c in later[1:]]
     assert [r.drafted for r in rounds[: BASELINE_AFTER + 1]] == [3] * BASELINE_AFTER + [0]

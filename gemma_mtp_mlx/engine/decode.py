@@ -11,11 +11,11 @@ K per round comes from `DraftPolicy` over the costs this machine has shown so fa
 (engine/costs.py), learned from these very rounds. Steady plain steps are the baseline behind
 the speedup meter. A few rounds into an answer (BASELINE_AFTER: the first steps after a prefill
 run slower than the rest) and every BASELINE_EVERY rounds after, the decoder checks that the
-pair has a plain step measured for this many rows within the last BASELINE_REFRESH seconds and
-BASELINE_DRIFT tokens of context; if not, the next rounds are plain steps (BASELINE_STEPS after
-the one that fills the pipeline), which costs only those rounds' missed drafting. A pair that
-has no plain step measured yet measures at once: the policy needs it. Parked rounds are samples
-too. An answer that measured none of its own shows the pair's latest, and says so. Counting
+pair has a plain step measured for this many rows within the time of the last BASELINE_REFRESH
+plain steps and BASELINE_DRIFT tokens of context; if not, the next rounds are plain steps
+(BASELINE_STEPS after the one that fills the pipeline), which costs only those rounds' missed
+drafting. A pair that has no plain step measured yet measures at once: the policy needs it.
+Parked rounds are samples too. An answer that measured none of its own shows the pair's latest, and says so. Counting
 rounds rather than tokens keeps the rows of a batch on the schedule each would have alone (they
 start together and share every round).
 """
@@ -40,8 +40,11 @@ clock = time.perf_counter
 BASELINE_STEPS = 4  # steady plain steps per baseline measurement
 BASELINE_AFTER = 4  # rounds into an answer before its baseline is checked
 BASELINE_EVERY = 100  # rounds between later checks
-BASELINE_REFRESH = 20.0  # seconds after which a measurement is taken again (the machine changes)
-BASELINE_DRIFT = 256  # tokens of context after which it is taken again (attention grows)
+# A measurement is taken again once as much time has passed as this many plain steps take (the
+# machine's state drifts; counted in steps so that it costs the same share on a fast Mac and on
+# a slow CPU), or the context has moved this many tokens (attention grows with it).
+BASELINE_REFRESH = 256
+BASELINE_DRIFT = 256
 
 
 @dataclass(eq=False)
@@ -263,7 +266,7 @@ class Decoder:
         """No plain step measured for this many rows recently enough, near enough."""
         return (
             costs.measured_at is None
-            or clock() - costs.measured_at > BASELINE_REFRESH
+            or clock() - costs.measured_at > BASELINE_REFRESH * costs.plain
             or abs(self._context() - costs.measured_context) > BASELINE_DRIFT
         )
 
