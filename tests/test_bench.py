@@ -289,3 +289,26 @@ def test_the_cli_imports_no_bench_and_no_distillation():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_meter_is_held_against_the_plain_run_of_its_own_repeat():
+    """Synthetic runs on a machine that slows down by half between two repeats: paired by
+    repeat, a meter that reported each run's own plain speed is exact; against the median plain
+    run it would look 25-50 % off."""
+    from gemma_mtp_mlx.engine.stats import GenerationStats
+    from gemma_mtp_mlx.tools.bench.measure import Run, Variant
+    from gemma_mtp_mlx.tools.bench.report import paired_meter
+
+    def run(tps: float, baseline: float | None = None) -> Run:
+        stats = None
+        if baseline is not None:  # 100 tokens decoded in 100 / tps seconds, baseline measured
+            stats = GenerationStats(decoded_tokens=100, decode_seconds=100 / tps)
+            stats.baseline_steps, stats.baseline_seconds = 10, 10 / baseline
+        return Run(list(range(101)), 100 / tps, 0, stats)
+
+    plain = Variant("plain", None, [run(200.0), run(100.0)])
+    mtp = Variant("mtp", None, [run(300.0, baseline=200.0), run(150.0, baseline=100.0)])
+    assert paired_meter(mtp, plain) == {"baseline_error_paired": 1.0, "meter_vs_real_paired": 1.0}
+    wrong = Variant("mtp", None, [run(300.0, baseline=150.0), run(150.0, baseline=75.0)])
+    assert paired_meter(wrong, plain)["baseline_error_paired"] == 0.75
+    assert paired_meter(Variant("mlx_lm", None, [run(200.0)]), plain) == {}

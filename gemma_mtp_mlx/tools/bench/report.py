@@ -7,6 +7,8 @@ in the same run (`baseline_error` = reported / measured), and the speedup the me
 (`meter_speedup`) beside the real one (variant tok/s / ours-plain tok/s).
 """
 
+import statistics
+
 from .costs import ideal_speedup
 from .measure import Run, Variant
 
@@ -38,6 +40,26 @@ def meter(run: Run, plain: Run) -> dict:
         "baseline_tps": _r(base, 2),
         "baseline_error": _r(base / plain.tokens_per_second if base else None),
         "meter_speedup": _r(s.speedup if s is not None else None),
+    }
+
+
+def paired_meter(variant: Variant, plain: Variant) -> dict:
+    """The meter against the plain run of the same repeat (alternated, so next to it in time):
+    medians over repeats of reported baseline / that plain run's tok/s, and of the meter's
+    speedup / the speedup over that plain run. A slow VM drifts by tens of percent over a
+    benchmark; pairing by repeat keeps that drift out of what the meter is held against."""
+    errors, meter_vs_real = [], []
+    for run, base in zip(variant.runs, plain.runs):
+        s = run.stats
+        if s is None or not s.baseline_tokens_per_second or not s.speedup:
+            continue
+        errors.append(s.baseline_tokens_per_second / base.tokens_per_second)
+        meter_vs_real.append(s.speedup / (run.tokens_per_second / base.tokens_per_second))
+    if not errors:
+        return {}
+    return {
+        "baseline_error_paired": _r(statistics.median(errors)),
+        "meter_vs_real_paired": _r(statistics.median(meter_vs_real)),
     }
 
 
@@ -164,6 +186,7 @@ def workload_result(description: str, prompt_tokens: int, variants: list[Variant
         out[v.label]["best_tokens_per_second"] = round(best, 2)
         out[v.label]["best_vs_plain"] = round(best / fastest_plain.tokens_per_second, 3)
         out[v.label]["identical_to_plain"] = identical(v, plain)
+        out[v.label] |= paired_meter(v, by_label["plain"])
     out["outputs_identical"] = all(identical(v, plain) for v in variants)
     return out
 
