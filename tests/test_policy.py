@@ -44,6 +44,18 @@ def test_costs_interpolate_extrapolate_and_start_from_priors():
     assert 1.0 < costs.plain < 2.0 and (costs.measured_at, costs.measured_context) == (1.0, 20)
 
 
+def test_a_steep_measured_slope_never_prices_a_round_below_a_plain_step():
+    """Seen in a batch run: rounds of K = 2 and 3 measured 1.1 and 2.9 plain steps (noise), so
+    the line through them reaches zero at K = 1.4 and the policy divided by zero below it."""
+    costs = RowCosts()
+    costs.observe_plain(1.0, at=0.0, context=10)
+    costs.observe_round(3, 2.9)
+    costs.observe_round(2, 1.1)
+    assert costs.round_seconds(1) == 1.0
+    policy = DraftPolicy()
+    assert policy.choose(costs, limit=6) in range(7)
+
+
 def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
     costs = measured(1.0, {k: 1.0 + 0.07 * k for k in range(1, 5)})
     policy = DraftPolicy(max_draft=4)

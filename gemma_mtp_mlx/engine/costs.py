@@ -70,7 +70,9 @@ class RowCosts:
         if len(near) == 2:
             slope = max(0.0, (self.rounds[near[1]] - self.rounds[near[0]]) / (near[1] - near[0]))
         j = near[-1] if below else near[0]
-        return max(0.0, self.rounds[j] + slope * (k - j))
+        # A round with drafts costs at least a plain step (its verify is a forward of 2+ tokens);
+        # extrapolating down a steep, noisy slope could otherwise reach zero.
+        return max(self.plain, self.rounds[j] + slope * (k - j))
 
 
 class Measurements:
