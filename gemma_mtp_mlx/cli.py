@@ -58,6 +58,7 @@ def main_command(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Alias (e2b, e4b, 26b, 31b, demo), hub repo id or folder. Default: e4b, or e2b where e4b does not fit. With --endpoint, the server's model name (default: the one it serves).")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="An alias's published weights: 4bit (default), 8bit or bf16.")] = None,
     max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help="Refuse models that need more (12G, 800M, 60%). Default: 75% of memory.")] = None,
+    context: Annotated[str | None, typer.Option("--context", metavar="TOKENS", help="Tokens a conversation may hold (32768, 32k); less than the model's context makes its KV cache smaller. Default: the model's.")] = None,
     drafter: Annotated[str, typer.Option(help="MTP drafter: 'auto', a hub repo id or a folder.")] = "auto",
     no_mtp: Annotated[bool, typer.Option("--no-mtp", help="Plain decoding with the target alone.")] = False,
     draft_tokens: Annotated[int | None, typer.Option("--draft-tokens", "-k", min=0, help="Drafts per round.")] = None,
@@ -114,7 +115,9 @@ def main_command(
             text = StdinText(err).decode(sys.stdin.buffer.read()) if prompt == "-" else prompt
             if not text.strip():
                 raise GemmaChatError("the prompt is empty")
-        limit = check_load_options(model, precision, quantize, max_memory, draft_tokens)
+        limit, context_tokens = check_load_options(
+            model, precision, quantize, max_memory, draft_tokens, context
+        )
         texts = read_prompts(prompt_file) if prompt_file is not None else None
         if endpoint is not None:
             local_only = {
@@ -124,6 +127,7 @@ def main_command(
                 "--quantize": quantize is not None,
                 "--precision": precision is not None,
                 "--max-memory": max_memory is not None,
+                "--context": context is not None,
                 "--prompt-file": prompt_file is not None,
                 "--resume": resume is not None,
             }
@@ -134,7 +138,9 @@ def main_command(
         else:
             if api_key_env is not None:
                 raise GemmaChatError("--api-key-env needs --endpoint")
-            model, pair = _load(err, model, None if no_mtp else drafter, precision, quantize, limit)
+            model, pair = _load(
+                err, model, None if no_mtp else drafter, precision, quantize, limit, context_tokens
+            )
             if pair.drafter is None and not no_mtp:
                 why = f" ({pair.drafter_note})" if pair.drafter_note else ""
                 err.print(f"warning: no MTP drafter for {model}{why}: plain decoding", style="yellow")
@@ -195,11 +201,12 @@ def _quiet_broken_pipe():
 
 def check_load_options(
     model: str | None, precision: str | None, quantize: int | None, max_memory: str | None,
-    draft_tokens: int | None,
+    draft_tokens: int | None, context: str | None,
 ):
     """Everything about the model options that can be checked before a byte is read: the
-    memory limit they set (None when this machine's memory is unknown)."""
-    from .loading import is_alias
+    memory limit they set (None when this machine's memory is unknown) and the context in
+    tokens (None: the model's)."""
+    from .loading import MIN_CONTEXT, is_alias
     from .memory import default_limit, parse_size
 
     if quantize is not None and quantize not in (4, 8):
@@ -215,11 +222,27 @@ def check_load_options(
                 f"--precision picks among the published weights of an alias ({', '.join(ALIASES)}); "
                 f"{model} loads as stored (--quantize 4|8 quantises it at load)"
             )
-    return parse_size(max_memory) if max_memory is not None else default_limit()
+    tokens = None
+    if context is not None:
+        tokens = parse_tokens(context)
+        if tokens is None:
+            raise GemmaChatError(f"--context takes a number of tokens (32768, 32k), not '{context}'")
+        if tokens < MIN_CONTEXT:
+            raise GemmaChatError(f"--context {context}: at least {MIN_CONTEXT} tokens")
+    limit = parse_size(max_memory) if max_memory is not None else default_limit()
+    return limit, tokens
+
+
+def parse_tokens(text: str) -> int | None:
+    """'32768' or '32k' (k = 1,024) as a number of tokens; None when it is neither."""
+    text = text.strip().lower()
+    scale = 1024 if text.endswith("k") else 1
+    digits = text[:-1] if scale > 1 else text
+    return int(digits) * scale if digits.isdigit() else None
 
 
 def _load(err: Console, model: str | None, drafter: str | None, precision: str | None,
-          quantize: int | None, limit):
+          quantize: int | None, limit, context: int | None = None):
     """(the model's name, the loaded pair). Without --model: the default that fits, said in
     one line the first time (while it is not in the cache yet)."""
     from . import hub
@@ -236,7 +259,7 @@ def _load(err: Console, model: str | None, drafter: str | None, precision: str |
     with err.status(f"loading {model}…", spinner="dots") if err.is_terminal and all(
         s is None or s.path is not None for s in (p.target, p.drafter)
     ) else nullcontext():
-        return model, load_plan(p, quantize=quantize, limit=limit, console=err)
+        return model, load_plan(p, quantize=quantize, limit=limit, console=err, context=context)
 
 
 def _blas_hint_once(err: Console) -> None:
@@ -435,6 +458,7 @@ def serve(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Alias, hub repo id or folder; clients ask for it by this name. Default: e4b, or e2b where e4b does not fit.")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="An alias's published weights: 4bit (default), 8bit or bf16.")] = None,
     max_memory: Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help="Refuse models that need more (12G, 800M, 60%). Default: 75% of memory.")] = None,
+    context: Annotated[str | None, typer.Option("--context", metavar="TOKENS", help="Tokens a request may hold (32768, 32k); less than the model's context makes its KV cache smaller. Default: the model's.")] = None,
     drafter: Annotated[str, typer.Option(help="MTP drafter: 'auto', a hub repo id or a folder.")] = "auto",
     no_mtp: Annotated[bool, typer.Option("--no-mtp", help="Plain decoding with the target alone.")] = False,
     draft_tokens: Annotated[int | None, typer.Option("--draft-tokens", "-k", min=0, help="Drafts per round (default: chosen per round from measured costs).")] = None,
@@ -462,8 +486,12 @@ def serve(
             mtp=not no_mtp,
             draft_tokens=draft_tokens,
         )
-        limit = check_load_options(model, precision, quantize, max_memory, draft_tokens)
-        model, pair = _load(err, model, None if no_mtp else drafter, precision, quantize, limit)
+        limit, context_tokens = check_load_options(
+            model, precision, quantize, max_memory, draft_tokens, context
+        )
+        model, pair = _load(
+            err, model, None if no_mtp else drafter, precision, quantize, limit, context_tokens
+        )
         if not is_loopback(host):
             err.print(
                 f"warning: --host {host} opens the server beyond this machine: anyone who can reach it can use the model (no authentication)",

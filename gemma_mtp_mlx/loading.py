@@ -27,6 +27,8 @@ ASSISTANT_TYPES = {"gemma4_assistant"}
 # the weights would then miss hundreds of parameters).
 _TARGET_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 _BITS = {"4bit": 4, "8bit": 8, "bf16": None}
+# The shortest --context: a system prompt, a question and an answer's room (MIN_ANSWER_ROOM).
+MIN_CONTEXT = 1024
 
 
 @dataclass
@@ -38,6 +40,11 @@ class Pair:
     drafter_path: Path | None = None
     # Why the automatic drafter is missing (e.g. not in the cache, offline): plain decoding.
     drafter_note: str | None = None
+    context: int | None = None  # the context sessions on this pair get (None: the model's)
+
+    @property
+    def context_limit(self) -> int:
+        return self.context or self.target.args.max_position_embeddings
 
     @property
     def name(self) -> str:
@@ -46,18 +53,20 @@ class Pair:
 
 def load(
     model: str, drafter: str | None = "auto", *, precision: str = DEFAULT_PRECISION,
-    quantize: int | None = None,
+    quantize: int | None = None, context: int | None = None,
 ) -> Pair:
     """Load a target (and its drafter) by alias, hub repo id or local folder.
 
     `precision` picks among an alias's published conversions (4bit, 8bit, bf16) and is ignored
     for repo ids and folders, which load as they are stored. `drafter="auto"` takes the
     alias's assistant, an `assistant/` folder (or a sibling `<name>-assistant` folder) next to
-    a local target, or `<repo>-assistant` on the hub; None loads no drafter. Refuses, before
-    downloading anything, a pair that would not fit in 75 % of this machine's memory.
+    a local target, or `<repo>-assistant` on the hub; None loads no drafter. `context` caps
+    the tokens a conversation may hold (default: the model's whole context), and with it the
+    KV cache. Refuses, before downloading anything, a pair that would not fit in 75 % of this
+    machine's memory at that context.
     """
     return load_plan(plan(model, drafter, precision=precision), quantize=quantize,
-                     limit=memory.default_limit())
+                     limit=memory.default_limit(), context=context)
 
 
 # -- names -> sources ----------------------------------------------------------------------------
@@ -144,10 +153,21 @@ def resolve(name: str) -> Path:
 
 
 # -- the memory preflight --------------------------------------------------------------------------
-def estimate(p: Plan, *, quantize: int | None = None) -> memory.Estimate | None:
-    """Memory for `p` from what is known before downloading: the files where they are on disk,
-    the config otherwise (an alias's from models/configs.py, a repo's config.json from the
-    hub). None when the target's config cannot be had."""
+def estimate(
+    p: Plan, *, quantize: int | None = None, context: int | None = None
+) -> memory.Estimate | None:
+    """Memory for `p` at `context` tokens (default: the model's whole context) from what is
+    known before downloading: the files where they are on disk, the config otherwise (an
+    alias's from models/configs.py, a repo's config.json from the hub). None when the target's
+    config cannot be had."""
+    found = _lazy_pair(p, quantize)
+    if found is None:
+        return None
+    target, drafter = found
+    return memory.estimate(target, drafter, context=check_context(target, context, p.model))
+
+
+def _lazy_pair(p: Plan, quantize: int | None):
     target = _lazy_target(p, quantize)
     if target is None:
         return None
@@ -155,22 +175,42 @@ def estimate(p: Plan, *, quantize: int | None = None) -> memory.Estimate | None:
         drafter = _lazy_drafter(p, target)
     except GemmaChatError:
         drafter = None  # one that does not pair is refused at load, with the reason
-    return memory.estimate(target, drafter)
+    return target, drafter
 
 
-def preflight(p: Plan, limit: memory.Limit | None, *, quantize: int | None = None) -> None:
-    if limit is None:
+def check_context(target: Model, context: int | None, name: str) -> int:
+    """The context a session on `target` gets: `context` when given, which must not exceed
+    the model's own."""
+    most = target.args.max_position_embeddings
+    if context is not None and context > most:
+        raise GemmaChatError(f"--context {context:,}: {name} holds at most {most:,} tokens")
+    return context or most
+
+
+def preflight(
+    p: Plan, limit: memory.Limit | None, *, quantize: int | None = None,
+    context: int | None = None,
+) -> None:
+    if limit is None and context is None:
         return
-    found = estimate(p, quantize=quantize)
-    if found is None or found.total <= limit.bytes:
+    found = _lazy_pair(p, quantize)
+    if found is None:
+        return
+    target, drafter = found
+    context = check_context(target, context, p.model)
+    needs = memory.estimate(target, drafter, context=context)
+    if limit is None or needs.total <= limit.bytes:
         return
     from .catalog import largest_fitting
 
     what = f"{p.row.alias} at {p.row.precision}" if p.row else p.model
+    shorter = memory.largest_context(target, drafter, limit.bytes)
     best = largest_fitting(limit)
     advice = f"the largest that fits: --model {best.alias} --precision {best.precision}" if best else "no published Gemma 4 fits"
+    if shorter is not None:
+        advice = f"--context {shorter:,} fits (a shorter conversation); or {advice}"
     raise GemmaChatError(
-        f"{what} needs about {found.describe()}, over the {memory.format_bytes(limit.bytes)} "
+        f"{what} needs about {needs.describe()}, over the {memory.format_bytes(limit.bytes)} "
         f"limit ({limit.why}); {advice}"
     )
 
@@ -257,7 +297,8 @@ def _download(repo: str, console) -> Path:
 
 
 def load_plan(
-    p: Plan, *, quantize: int | None = None, limit: memory.Limit | None = None, console=None
+    p: Plan, *, quantize: int | None = None, limit: memory.Limit | None = None, console=None,
+    context: int | None = None,
 ) -> Pair:
     """Check memory, download what is missing, check memory again on the real files, load."""
     if quantize not in (None, 4, 8):
@@ -267,15 +308,18 @@ def load_plan(
             f"{p.row.alias} at {p.row.precision} is already quantised: drop --quantize, or "
             f"quantise the originals with --precision bf16 --quantize {quantize}"
         )
-    preflight(p, limit, quantize=quantize)
+    if context is not None and context < MIN_CONTEXT:
+        raise GemmaChatError(f"--context {context}: at least {MIN_CONTEXT} tokens")
+    preflight(p, limit, quantize=quantize, context=context)
     target_path, drafter_path, note = fetch(p, console=console)
     resolved = Plan(p.model, Source(p.target.repo, target_path),
                     Source(p.drafter.repo, drafter_path) if drafter_path else None, p.row)
-    preflight(resolved, limit, quantize=quantize)
+    preflight(resolved, limit, quantize=quantize, context=context)
     target = load_target(target_path, quantize=quantize)
     tokenizer = load_tokenizer(target_path)
     assistant = load_drafter(drafter_path, target) if drafter_path else None
-    return Pair(target, assistant, tokenizer, target_path, drafter_path, drafter_note=note)
+    return Pair(target, assistant, tokenizer, target_path, drafter_path, drafter_note=note,
+                context=context)
 
 
 # -- folders -> models ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """How much memory a Gemma 4 pair takes, and how much this machine allows.
 
 The estimate is target weights + drafter weights + the KV cache at the context the session
-uses (the target's `max_position_embeddings`: a chat may fill it). Weights are counted on the
+uses (`--context`, by default the target's `max_position_embeddings`: a chat may fill it). Weights are counted on the
 loader's own model, built lazily (MLX allocates nothing until evaluated): for a checkpoint on
 disk, exactly as `load` builds it from the files (dtypes and quantised modules as stored); for
 one not downloaded yet, from its config (the hub's, or `models/configs.py` for an alias) at
@@ -79,6 +79,20 @@ def estimate(target, drafter=None, *, context: int | None = None) -> Estimate:
         kv=kv_cache_bytes(target.args, context, activation),
         context=context,
     )
+
+
+def largest_context(target, drafter, limit: int) -> int | None:
+    """The most tokens (a multiple of 1,024, below the model's context) at which the pair fits
+    in `limit` bytes; None when not even 1,024 fit, or the whole context does."""
+    most = target.args.max_position_embeddings
+    lo, hi = 0, most // 1024  # in units of 1,024 tokens; lo fits (0: nothing known to)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(target, drafter, context=mid * 1024).total <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * 1024 if 0 < lo * 1024 < most else None
 
 
 def _activation_bytes(target) -> int:

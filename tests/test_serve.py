@@ -283,13 +283,23 @@ def test_prompt_over_the_context_and_body_over_the_limit(tiny, tmp_path):
     with serving(app) as base:
         long = {"model": "short", "messages": [{"role": "user", "content": "the village " * 60}]}
         message = refused(base, "/v1/chat/completions", long, 400, "context_length_exceeded")
-        assert "context is 120 tokens" in message
+        assert "context holds 120 tokens" in message
         huge = long | {"messages": [{"role": "user", "content": "x" * 5000}]}
         refused(base, "/v1/chat/completions", huge, 413, "request_too_large")
         with pytest.raises(openai.BadRequestError):  # what an OpenAI client sees
             openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0).chat.completions.create(
                 model="short", messages=long["messages"]
             )
+
+
+def test_a_server_with_a_shorter_context_says_so_and_holds_to_it():
+    app = create_app(load("demo", context=1024), "demo", ServeOptions())
+    with serving(app) as base:
+        status, models = raw(base, "/v1/models")
+        assert status == 200 and models["data"][0]["max_model_len"] == 1024
+        long = {"model": "demo", "messages": [{"role": "user", "content": "the rest is silence " * 300}]}
+        message = refused(base, "/v1/chat/completions", long, 400, "context_length_exceeded")
+        assert "context holds 1024 tokens" in message
 
 
 def test_serve_command_listens_and_stops_on_ctrl_c():

@@ -236,7 +236,9 @@ class Session:
         self.model_name = model_name or pair.name
         self.messages: list[dict] = []  # user and assistant turns; the system prompt is apart
         # The snapshot lets the next turn drop an answer's thoughts without prefilling it all.
-        self.context = Context(pair.target, slack=DEFAULT_SLACK, keep_snapshot=True)
+        self.context = Context(
+            pair.target, slack=DEFAULT_SLACK, keep_snapshot=True, limit=pair.context_limit
+        )
         self.last: Turn | None = None
         self._carried: list[int] | None = None
         self._turn_end = self._turn_end_ids()
@@ -425,7 +427,7 @@ class Session:
                 max_tokens=n,
                 mtp=False,
                 ignore_eos=last.settings.ignore_eos,
-                context=Context(self.pair.target, slack=DEFAULT_SLACK),
+                context=Context(self.pair.target, slack=DEFAULT_SLACK, limit=self.context.limit),
             )
             for t in chunk.token_ids
         ]

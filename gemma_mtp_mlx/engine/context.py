@@ -36,8 +36,15 @@ class PrefillStopped(Exception):
 
 
 class Context:
-    def __init__(self, target: Model, slack: int = DEFAULT_SLACK, *, keep_snapshot: bool = False):
+    def __init__(
+        self, target: Model, slack: int = DEFAULT_SLACK, *, keep_snapshot: bool = False,
+        limit: int | None = None,
+    ):
         self.target = target
+        # Tokens this context may hold: the model's own context, or less (`--context`, so that
+        # the KV cache fits the memory the preflight allowed).
+        self.limit = min(limit or target.args.max_position_embeddings,
+                         target.args.max_position_embeddings)
         self.slack = slack
         self.keep_snapshot = keep_snapshot
         self.cache = target.make_cache(slack)
@@ -46,10 +53,6 @@ class Context:
         # Anything with `is_set()` (a threading.Event): when set, the prefill stops at the end
         # of its current chunk by raising PrefillStopped.
         self.stop_request = None
-
-    @property
-    def limit(self) -> int:
-        return self.target.args.max_position_embeddings
 
     def rewind(self, n: int) -> None:
         """Forget the last n cached tokens (a rejected draft, a diverging prompt). Deeper than
@@ -82,7 +85,7 @@ class Context:
             raise GemmaChatError("empty prompt")
         if len(tokens) >= self.limit:
             raise GemmaChatError(
-                f"the prompt is {len(tokens)} tokens; this model's context is {self.limit}"
+                f"the prompt is {len(tokens)} tokens; the context holds {self.limit}"
             )
         common = 0
         for a, b in zip(self.tokens, tokens):

@@ -124,7 +124,7 @@ class Api:
         self.model_name = model_name
         self.scheduler = scheduler
         self.options = options
-        self.context_limit = pair.target.args.max_position_embeddings
+        self.context_limit = pair.context_limit
         self.mtp = options.mtp and pair.drafter is not None
         self.created = int(time.time())
 
@@ -202,7 +202,7 @@ class Api:
             wanted = "" if asked is None else f" plus {asked} for the answer"
             raise ApiError(
                 400,
-                f"this model's context is {self.context_limit} tokens; the prompt takes "
+                f"the context holds {self.context_limit} tokens; the prompt takes "
                 f"{prompt_tokens}{wanted}",
                 param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
                 code="context_length_exceeded",
