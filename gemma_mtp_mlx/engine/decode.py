@@ -15,9 +15,9 @@ pair has a plain step measured for this many rows within the time of the last BA
 plain steps and BASELINE_DRIFT tokens of context; if not, the next rounds are plain steps
 (BASELINE_STEPS after the one that fills the pipeline), which costs only those rounds' missed
 drafting. A pair that has no plain step measured yet measures at once: the policy needs it.
-Parked rounds are samples too. An answer that measured none of its own shows the pair's latest, and says so. Counting
-rounds rather than tokens keeps the rows of a batch on the schedule each would have alone (they
-start together and share every round).
+Parked rounds are samples too. An answer that measured none of its own shows the pair's latest,
+and says so. Counting rounds rather than tokens keeps the rows of a batch on the schedule each
+would have alone (they start together and share every round).
 """
 
 import time
