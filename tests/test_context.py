@@ -7,11 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from gemma_mtp_mlx import load, memory
+from gemma_mtp_mlx import load
 from gemma_mtp_mlx.chat.session import Session
 from gemma_mtp_mlx.cli import app
 from gemma_mtp_mlx.errors import GemmaChatError
-from gemma_mtp_mlx.loading import _lazy_pair, plan
+from gemma_mtp_mlx.loading import estimate, plan
 
 # 75 % of a 48 GB Mac: 31B at 4-bit with its drafter fits at a shorter context only.
 MAC_48GB = 36 * 2**30
@@ -32,9 +32,8 @@ def test_the_refusal_names_the_longest_context_that_fits_and_that_context_passes
     fitting = int(line.rsplit("--context ", 1)[1].split(" fits")[0].replace(",", ""))
 
     # It is the longest multiple of 1,024 tokens that fits, by the estimate the preflight uses.
-    target, drafter = _lazy_pair(plan("31b", "auto"), None)
-    assert memory.estimate(target, drafter, context=fitting).total <= MAC_48GB
-    assert memory.estimate(target, drafter, context=fitting + 1024).total > MAC_48GB
+    assert estimate(plan("31b", "auto"), context=fitting).total <= MAC_48GB
+    assert estimate(plan("31b", "auto"), context=fitting + 1024).total > MAC_48GB
 
     # At that context the preflight passes: what stops the run now is the empty offline cache.
     r = gemma("-m", "31b", "--prompt", "Hello", "--max-memory", "36G", "--context", str(fitting), env=env)
