@@ -4,7 +4,7 @@ real rounds (synthetic figures here), and what the decoder times, under a contro
 import pytest
 
 from gemma_mtp_mlx import generate
-from gemma_mtp_mlx.engine.costs import PLAIN_SAMPLES, RowCosts, measurements_for
+from gemma_mtp_mlx.engine.costs import RowCosts, measurements_for
 from gemma_mtp_mlx.engine.decode import (
     BASELINE_AFTER,
     BASELINE_DRIFT,
@@ -40,18 +40,8 @@ def test_costs_interpolate_extrapolate_and_start_from_priors():
     assert costs.round_seconds(1) == pytest.approx(2.5)
     costs.observe_round(4, 6.0)  # a decayed average: the past weighs 0.8
     assert costs.round_seconds(4) == pytest.approx(4.4)
-    costs.observe_plain(2.0, at=1.0, context=20)  # the median of the latest plain steps
-    assert costs.plain == 1.5 and (costs.measured_at, costs.measured_context) == (1.0, 20)
-
-
-def test_a_stalled_plain_step_does_not_move_the_plain_estimate_and_old_steps_age_out():
-    costs = RowCosts()
-    for t, seconds in enumerate([1.0, 1.0, 1.1, 9.0, 0.9, 1.0, 1.0]):  # one step stalled
-        costs.observe_plain(seconds, at=float(t), context=10)
-    assert costs.plain == 1.0
-    for t in range(PLAIN_SAMPLES):  # the machine (or the context) got slower: the latest rule
-        costs.observe_plain(1.5, at=10.0 + t, context=300)
-    assert costs.plain == 1.5
+    costs.observe_plain(2.0, at=1.0, context=20)  # a decayed average too
+    assert 1.0 < costs.plain < 2.0 and (costs.measured_at, costs.measured_context) == (1.0, 20)
 
 
 def test_a_steep_measured_slope_never_prices_a_round_below_a_plain_step():

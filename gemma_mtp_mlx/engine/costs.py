@@ -13,13 +13,8 @@ Per number of rows decoded together (B):
 Draft lengths not run yet are interpolated between those run, or extrapolated along the slope
 of the nearest two; with one run so far, a modest slope (a draft step and one more verified
 token: memory-bound on a Mac, a fraction of a plain step) that is optimistic on purpose: the
-policy then tries the longer round and learns what it costs. Round costs are exponentially
-decayed averages, so they follow the context as it grows and carry the stalls a round really
-pays. The plain step is the median of its latest PLAIN_SAMPLES: plain steps are identical work,
-so their spread is the machine's noise, and a mean of the few steps of a baseline measurement
-was pulled up by it (on a 2-core VM it priced the demo pair's plain step at 8.0 ms while plain
-decoding ran at 6.3 ms per token, and the policy drafted where drafting lost). A median leans
-plain's way when the machine is noisy: when in doubt, the policy parks.
+policy then tries the longer round and learns what it costs. All are exponentially decayed
+averages, so they follow the context as it grows.
 
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
@@ -27,14 +22,11 @@ verify pass queued behind them.
 """
 
 import weakref
-from collections import deque
 from dataclasses import dataclass, field
-from statistics import median
 
 from .policy import DraftPolicy
 
-DECAY = 0.8  # weight of the past in each running average of a round's cost
-PLAIN_SAMPLES = 8  # the latest plain steps the plain estimate is the median of
+DECAY = 0.8  # weight of the past in each running average
 # Before any drafting round has run, a round of K drafts is taken to cost a plain step and a
 # fifth (the verify pass and accepting, which the pipelined plain step hides), plus a quarter
 # of a plain step per draft (a drafter step and one more verified token).
@@ -47,15 +39,13 @@ def _average(old: float | None, new: float) -> float:
 
 @dataclass
 class RowCosts:
-    plain: float | None = None  # median of plain_samples
+    plain: float | None = None
     rounds: dict[int, float] = field(default_factory=dict)
     measured_at: float | None = None  # clock reading of the latest plain step
     measured_context: int = 0  # context length then
-    plain_samples: deque = field(default_factory=lambda: deque(maxlen=PLAIN_SAMPLES))
 
     def observe_plain(self, seconds: float, at: float, context: int) -> None:
-        self.plain_samples.append(seconds)
-        self.plain = median(self.plain_samples)
+        self.plain = _average(self.plain, seconds)
         self.measured_at, self.measured_context = at, context
 
     def observe_round(self, k: int, seconds: float) -> None:
