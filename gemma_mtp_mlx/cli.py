@@ -206,7 +206,7 @@ def check_load_options(
     """Everything about the model options that can be checked before a byte is read: the
     memory limit they set (None when this machine's memory is unknown) and the context in
     tokens (None: the model's)."""
-    from .loading import MIN_CONTEXT, is_alias
+    from .loading import is_alias
     from .memory import default_limit, parse_size
 
     if quantize is not None and quantize not in (4, 8):
@@ -222,13 +222,11 @@ def check_load_options(
                 f"--precision picks among the published weights of an alias ({', '.join(ALIASES)}); "
                 f"{model} loads as stored (--quantize 4|8 quantises it at load)"
             )
-    tokens = None
+    tokens = None  # at least MIN_CONTEXT and at most the model's: checked by load_plan
     if context is not None:
         tokens = parse_tokens(context)
         if tokens is None:
             raise GemmaChatError(f"--context takes a number of tokens (32768, 32k), not '{context}'")
-        if tokens < MIN_CONTEXT:
-            raise GemmaChatError(f"--context {context}: at least {MIN_CONTEXT} tokens")
     limit = parse_size(max_memory) if max_memory is not None else default_limit()
     return limit, tokens
 
@@ -242,7 +240,7 @@ def parse_tokens(text: str) -> int | None:
 
 
 def _load(err: Console, model: str | None, drafter: str | None, precision: str | None,
-          quantize: int | None, limit, context: int | None = None):
+          quantize: int | None, limit, context: int | None):
     """(the model's name, the loaded pair). Without --model: the default that fits, said in
     one line the first time (while it is not in the cache yet)."""
     from . import hub

@@ -160,14 +160,13 @@ def estimate(
     known before downloading: the files where they are on disk, the config otherwise (an
     alias's from models/configs.py, a repo's config.json from the hub). None when the target's
     config cannot be had."""
-    found = _lazy_pair(p, quantize)
-    if found is None:
-        return None
-    target, drafter = found
-    return memory.estimate(target, drafter, context=check_context(target, context, p.model))
+    found = _lazy_estimate(p, quantize, context)
+    return found[2] if found else None
 
 
-def _lazy_pair(p: Plan, quantize: int | None):
+def _lazy_estimate(p: Plan, quantize: int | None, context: int | None):
+    """(target, drafter, estimate at `context`) on lazily built models, or None without a
+    target config."""
     target = _lazy_target(p, quantize)
     if target is None:
         return None
@@ -175,7 +174,8 @@ def _lazy_pair(p: Plan, quantize: int | None):
         drafter = _lazy_drafter(p, target)
     except GemmaChatError:
         drafter = None  # one that does not pair is refused at load, with the reason
-    return target, drafter
+    needs = memory.estimate(target, drafter, context=check_context(target, context, p.model))
+    return target, drafter, needs
 
 
 def check_context(target: Model, context: int | None, name: str) -> int:
@@ -193,12 +193,10 @@ def preflight(
 ) -> None:
     if limit is None and context is None:
         return
-    found = _lazy_pair(p, quantize)
+    found = _lazy_estimate(p, quantize, context)
     if found is None:
         return
-    target, drafter = found
-    context = check_context(target, context, p.model)
-    needs = memory.estimate(target, drafter, context=context)
+    target, drafter, needs = found
     if limit is None or needs.total <= limit.bytes:
         return
     from .catalog import largest_fitting

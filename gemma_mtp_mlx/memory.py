@@ -1,10 +1,10 @@
 """How much memory a Gemma 4 pair takes, and how much this machine allows.
 
 The estimate is target weights + drafter weights + the KV cache at the context the session
-uses (`--context`, by default the target's `max_position_embeddings`: a chat may fill it). Weights are counted on the
-loader's own model, built lazily (MLX allocates nothing until evaluated): for a checkpoint on
-disk, exactly as `load` builds it from the files (dtypes and quantised modules as stored); for
-one not downloaded yet, from its config (the hub's, or `models/configs.py` for an alias) at
+uses (`--context`, by default the target's `max_position_embeddings`: a chat may fill it).
+Weights are counted on the loader's own model, built lazily (MLX allocates nothing until
+evaluated): for a checkpoint on disk, exactly as `load` builds it from the files (dtypes and
+quantised modules as stored); for one not downloaded yet, from its config (the hub's, or `models/configs.py` for an alias) at
 the precision it will be stored in. The KV cache follows from `ModelArgs`: layers that share
 another layer's K/V store nothing, full-attention layers keep every token, sliding layers
 keep their window plus the rollback slack.
