@@ -2,7 +2,7 @@
 
 import pytest
 
-from gemma_mtp_mlx.engine import batch, decode
+from gemma_mtp_mlx.engine import batch, costs
 from tests.conftest import generated_ids
 
 
@@ -70,7 +70,7 @@ def test_sampled_rows_equal_their_own_seeded_runs(echo_pairs, monkeypatch):
     are compared in distribution in test_sampling.) Near its limit a row drafts as little as the
     longest row in the batch needs, a single run as it needs itself: the last rounds may
     differ, so the first 30 of 40 tokens are compared."""
-    monkeypatch.setattr(decode, "BASELINE_REFRESH", float("inf"))
+    monkeypatch.setattr(costs, "DRIFT", float("inf"))
     for centroids in (False, True):
         pair = echo_pairs[("e2b", centroids)]
         options = dict(temperature=1.0, top_k=50, ignore_eos=True, draft_tokens=2, max_tokens=40)

@@ -4,14 +4,8 @@ real rounds (synthetic figures here), and what the decoder times, under a contro
 import pytest
 
 from gemma_mtp_mlx import generate
-from gemma_mtp_mlx.engine.costs import RowCosts, measurements_for
-from gemma_mtp_mlx.engine.decode import (
-    BASELINE_AFTER,
-    BASELINE_DRIFT,
-    BASELINE_EVERY,
-    BASELINE_REFRESH,
-    BASELINE_STEPS,
-)
+from gemma_mtp_mlx.engine.costs import DRIFT, SETTLE, RowCosts, measurements_for
+from gemma_mtp_mlx.engine.decode import BASELINE_AFTER, BASELINE_EVERY, BASELINE_STEPS
 from gemma_mtp_mlx.engine.policy import PARKED_PROBE_START, DraftPolicy, expected_tokens
 
 PROMPT = [2, 40, 77, 301, 12]
@@ -28,7 +22,7 @@ def test_expected_tokens():
 
 def test_costs_interpolate_extrapolate_and_start_from_priors():
     costs = RowCosts()
-    costs.observe_plain(1.0, at=0.0, context=10)
+    costs.observe_plain(1.0)
     assert costs.round_seconds(0) == 1.0
     assert costs.round_seconds(2) == pytest.approx(1.2 + 2 * 0.25)  # priors only
     costs.observe_round(2, 3.0)
@@ -40,15 +34,41 @@ def test_costs_interpolate_extrapolate_and_start_from_priors():
     assert costs.round_seconds(1) == pytest.approx(2.5)
     costs.observe_round(4, 6.0)  # a decayed average: the past weighs 0.8
     assert costs.round_seconds(4) == pytest.approx(4.4)
-    costs.observe_plain(2.0, at=1.0, context=20)  # a decayed average too
-    assert 1.0 < costs.plain < 2.0 and (costs.measured_at, costs.measured_context) == (1.0, 20)
+    costs.observe_plain(2.0)  # a decayed average too
+    assert 1.0 < costs.plain < 2.0
+
+
+def test_a_plain_step_goes_stale_when_rounds_no_longer_cost_what_they_did_after_it():
+    costs = RowCosts()
+    assert costs.stale  # nothing measured
+    costs.observe_plain(1.0)
+    for _ in range(SETTLE):
+        costs.observe_round(3, 2.0)
+    assert not costs.stale
+    for _ in range(20):  # noise around the same cost is no change
+        costs.observe_round(3, 2.0 * (1 + DRIFT / 2))
+        costs.observe_round(3, 2.0 * (1 - DRIFT / 2))
+    assert not costs.stale
+    costs.observe_round(2, 9.0)  # a new K: its first rounds are what it is held to
+    assert not costs.stale
+    for _ in range(5):
+        costs.observe_round(3, 2.0 * (1 + 2 * DRIFT))  # the machine slowed down
+    assert costs.stale
+    costs.observe_plain(1.3)  # measured again: the rounds after it are what it goes with
+    assert not costs.stale
+    for _ in range(SETTLE + 20):  # even while the decayed average of all rounds catches up
+        costs.observe_round(3, 2.4)
+    assert not costs.stale
+    for _ in range(5):
+        costs.observe_round(3, 2.4 * (1 - 2 * DRIFT))  # faster now
+    assert costs.stale
 
 
 def test_a_steep_measured_slope_never_prices_a_round_below_a_plain_step():
     """Seen in a batch run: rounds of K = 2 and 3 measured 1.1 and 2.9 plain steps (noise), so
     the line through them reaches zero at K = 1.4 and the policy divided by zero below it."""
     costs = RowCosts()
-    costs.observe_plain(1.0, at=0.0, context=10)
+    costs.observe_plain(1.0)
     costs.observe_round(3, 2.9)
     costs.observe_round(2, 1.1)
     assert costs.round_seconds(1) == 1.0
@@ -141,28 +161,34 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     assert all(c.round.drafted for c in again[1:-2])
     assert again[-1].stats.baseline_is_earlier
     assert again[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.plain)
-    # Once that measurement is as old as BASELINE_REFRESH plain steps, an answer measures its
-    # own, BASELINE_AFTER rounds in (not the slower first steps after a prefill).
-    clock.now += BASELINE_REFRESH * costs.plain
+    # Hours later, still the same cost per round: still no measurement of its own.
+    clock.now += 3600
     later = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.05)
-    rounds = [c.round for c in later[1:]]
+    assert later[-1].stats.baseline_is_earlier
+    # Once rounds cost more than they did after that measurement (a busier machine), an answer
+    # measures its own, BASELINE_AFTER rounds in (not the slower first steps after a prefill).
+    slower = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.08)
+    rounds = [c.round for c in slower[1:]]
     assert [r.drafted for r in rounds[: BASELINE_AFTER + 1]] == [3] * BASELINE_AFTER + [0]
-    assert later[-1].stats.baseline_steps == BASELINE_STEPS
-    assert not later[-1].stats.baseline_is_earlier
+    assert slower[-1].stats.baseline_steps == BASELINE_STEPS
+    assert not slower[-1].stats.baseline_is_earlier
+    assert costs.plain > 0.05 and not costs.stale
 
 
-def test_the_baseline_is_measured_again_as_the_context_grows(echo_pairs, clock):
-    """With the clock all but still, only the context's growth makes a measurement stale: it
-    is taken again at the first check (every BASELINE_EVERY rounds) past BASELINE_DRIFT tokens."""
+def test_a_long_answer_measures_again_when_round_costs_drift(echo_pairs, clock):
+    """Rounds that keep their cost never call a measurement; when they drift mid-answer (the
+    context grew, the machine got busier) it is taken again at the next check (every
+    BASELINE_EVERY rounds), and only then."""
     pair = echo_pairs[("moe", False)]
     measurements_for(pair.target, pair.drafter).by_rows.clear()
-    chunks = read(clock, generate(pair, PROMPT, max_tokens=900, ignore_eos=True, draft_tokens=2), 0.0)
+    chunks = []
+    for i, chunk in enumerate(generate(pair, PROMPT, max_tokens=900, ignore_eos=True, draft_tokens=2)):
+        chunks.append(chunk)
+        clock.now += 0.05 if i < 300 else 0.07
     measuring = [c.round.measuring for c in chunks[1:]]
     starts = [i for i, m in enumerate(measuring) if m and (i == 0 or not measuring[i - 1])]
-    assert starts[0] == 0 and len(starts) >= 2  # at once (nothing measured yet), then again
-    emitted = [sum(len(c.token_ids) for c in chunks[: i + 2]) for i in starts]
-    assert all(b - a > BASELINE_DRIFT for a, b in zip(emitted, emitted[1:]))
-    assert all(b - a >= BASELINE_EVERY for a, b in zip(starts, starts[1:]))
+    assert starts[0] == 0 and len(starts) == 2  # at once (nothing measured yet), then once more
+    assert 300 < starts[1] <= 300 + BASELINE_EVERY + 1
 
 
 def test_policy_rounds_are_lossless(echo_pairs):

@@ -16,6 +16,14 @@ token: memory-bound on a Mac, a fraction of a plain step) that is optimistic on 
 policy then tries the longer round and learns what it costs. All are exponentially decayed
 averages, so they follow the context as it grows.
 
+The plain step is only measured now and then (while drafting, plain steps are extra work), so it
+carries the round costs seen just after it: the same machine doing the same work at the same
+cost per round does plain steps at the same cost too. Per K, the median of the first SETTLE
+rounds after the plain step (a median: one of them may carry a stall) is what it goes with;
+once the rounds since then (a decayed average of those alone) cost DRIFT more or less (the
+machine got busier or cooler, the context grew), the plain step is stale and the decoder
+measures it again.
+
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
 verify pass queued behind them.
@@ -23,6 +31,7 @@ verify pass queued behind them.
 
 import weakref
 from dataclasses import dataclass, field
+from statistics import median
 
 from .policy import DraftPolicy
 
@@ -31,6 +40,10 @@ DECAY = 0.8  # weight of the past in each running average
 # fifth (the verify pass and accepting, which the pipelined plain step hides), plus a quarter
 # of a plain step per draft (a drafter step and one more verified token).
 PRIOR_ROUND, PRIOR_PER_DRAFT = 1.2, 0.25
+# How far round costs may move from those seen just after the latest plain step before that
+# plain step is taken to be out of date (the meter is held to within 10 % of plain decoding).
+DRIFT = 0.1
+SETTLE = 8  # rounds of a K after a plain step that set what it is held to
 
 
 def _average(old: float | None, new: float) -> float:
@@ -41,15 +54,30 @@ def _average(old: float | None, new: float) -> float:
 class RowCosts:
     plain: float | None = None
     rounds: dict[int, float] = field(default_factory=dict)
-    measured_at: float | None = None  # clock reading of the latest plain step
-    measured_context: int = 0  # context length then
+    # Since the latest plain step, per K: its first SETTLE round times, and a decayed average.
+    first_since_plain: dict[int, list[float]] = field(default_factory=dict)
+    since_plain: dict[int, float] = field(default_factory=dict)
 
-    def observe_plain(self, seconds: float, at: float, context: int) -> None:
+    def observe_plain(self, seconds: float) -> None:
         self.plain = _average(self.plain, seconds)
-        self.measured_at, self.measured_context = at, context
+        self.first_since_plain, self.since_plain = {}, {}
 
     def observe_round(self, k: int, seconds: float) -> None:
         self.rounds[k] = _average(self.rounds.get(k), seconds)
+        self.since_plain[k] = _average(self.since_plain.get(k), seconds)
+        first = self.first_since_plain.setdefault(k, [])
+        if len(first) < SETTLE:
+            first.append(seconds)
+
+    @property
+    def stale(self) -> bool:
+        """No plain step measured yet, or rounds no longer cost what they did just after it."""
+        if self.plain is None:
+            return True
+        for k, first in self.first_since_plain.items():
+            if len(first) == SETTLE and abs(self.since_plain[k] / median(first) - 1) > DRIFT:
+                return True
+        return False
 
     def round_seconds(self, k: int) -> float:
         """Expected wall time of a round with K drafts (K = 0: a plain step). Needs `plain`."""

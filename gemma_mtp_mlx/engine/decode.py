@@ -11,13 +11,14 @@ K per round comes from `DraftPolicy` over the costs this machine has shown so fa
 (engine/costs.py), learned from these very rounds. Steady plain steps are the baseline behind
 the speedup meter. A few rounds into an answer (BASELINE_AFTER: the first steps after a prefill
 run slower than the rest) and every BASELINE_EVERY rounds after, the decoder checks that the
-pair has a plain step measured for this many rows within the time of the last BASELINE_REFRESH
-plain steps and BASELINE_DRIFT tokens of context; if not, the next rounds are plain steps
+pair's plain step for this many rows is still current: that rounds cost what they did just
+after it was measured (`RowCosts.stale`). If not, the next rounds are plain steps
 (BASELINE_STEPS after the one that fills the pipeline), which costs only those rounds' missed
-drafting. A pair that has no plain step measured yet measures at once: the policy needs it.
-Parked rounds are samples too. An answer that measured none of its own shows the pair's latest,
-and says so. Counting rounds rather than tokens keeps the rows of a batch on the schedule each
-would have alone (they start together and share every round).
+drafting, and only when the machine or the context has changed. A pair that has no plain step
+measured yet measures at once: the policy needs it. Parked rounds are samples too. An answer
+that measured none of its own shows the pair's latest, and says so. Counting rounds rather than
+tokens keeps the rows of a batch on the schedule each would have alone (they start together and
+share every round).
 """
 
 import time
@@ -39,12 +40,7 @@ clock = time.perf_counter
 
 BASELINE_STEPS = 4  # steady plain steps per baseline measurement
 BASELINE_AFTER = 4  # rounds into an answer before its baseline is checked
-BASELINE_EVERY = 100  # rounds between later checks
-# A measurement is taken again once as much time has passed as this many plain steps take (the
-# machine's state drifts; counted in steps so that it costs the same share on a fast Mac and on
-# a slow CPU), or the context has moved this many tokens (attention grows with it).
-BASELINE_REFRESH = 256
-BASELINE_DRIFT = 256
+BASELINE_EVERY = 32  # rounds between later checks (a change is caught within a few dozen)
 
 
 @dataclass(eq=False)
@@ -200,7 +196,7 @@ class Decoder:
         checked = [s for s in self.streams if s.rounds_to_baseline <= 0]
         for s in checked:
             s.rounds_to_baseline = BASELINE_EVERY
-        due = costs.plain is None or (bool(checked) and self._stale(costs))
+        due = costs.plain is None or (bool(checked) and costs.stale)
         if due and not self.baseline_left:
             self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
         self.measuring = bool(self.baseline_left)
@@ -223,7 +219,7 @@ class Decoder:
         ids = self.plain.step()
         end = clock()
         if steady:
-            costs.observe_plain(end - self.last_end, end, self._context())
+            costs.observe_plain(end - self.last_end)
         step = RoundStats(0, plain_steady=steady, measuring=self.measuring)
         out = self._emit([(s, [t], replace(step)) for s, t in zip(self.streams, ids)], end)
         if self.plain is not None and not self.plain.rows:
@@ -261,14 +257,3 @@ class Decoder:
         s.emitted += len(tokens)
         s.stats.generated_tokens = s.emitted
         return tokens
-
-    def _stale(self, costs: RowCosts) -> bool:
-        """No plain step measured for this many rows recently enough, near enough."""
-        return (
-            costs.measured_at is None
-            or clock() - costs.measured_at > BASELINE_REFRESH * costs.plain
-            or abs(self._context() - costs.measured_context) > BASELINE_DRIFT
-        )
-
-    def _context(self) -> int:
-        return sum(len(s.row.ctx.tokens) for s in self.streams) // max(1, len(self.streams))
