@@ -120,6 +120,23 @@ def test_simulated_acceptance_is_what_was_set_and_output_stays_plain(tiny_pairs)
             assert all(r == (k, k) for r in drafting[:-1]) and len(drafting) > 5
 
 
+def test_the_ideal_replays_the_rounds_the_engine_really_runs(tiny_pairs, monkeypatch):
+    """The bench's ideal counts the rounds fixed K makes for the run's own hits: they must be
+    the engine's (with the baseline measured beforehand and kept, so no plain burst shifts the
+    positions)."""
+    from gemma_mtp_mlx.engine import costs as engine_costs
+
+    monkeypatch.setattr(engine_costs, "DRIFT", float("inf"))
+    pair = tiny_pairs["e2b"]
+    plain = run_ours(pair, PROMPT, 80, mtp=False).tokens
+    proposals = Proposals(PROMPT + plain, 0.7, pair.target.args.vocab_size, seed=3)
+    simulated = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
+    run_ours(simulated, PROMPT, 20, mtp=True, k=3)  # measures the baseline
+    for k in (1, 3, 4):
+        run = run_ours(simulated, PROMPT, 80, mtp=True, k=k)
+        assert [d for d, _ in run.rounds] == costs.replayed_rounds(proposals.hits, len(PROMPT), 80, k)
+
+
 def test_the_simulated_proposal_depends_on_the_drafter_network(tiny_pairs):
     """MLX computes only what an output depends on, and folds an argmax over one candidate into
     a constant: the engine's pick (argmax over the candidate scores, mapped through the ids)
@@ -187,13 +204,15 @@ def test_shape_bench_json_holds_every_row_with_sane_figures(tiny_pairs):
         assert r["identical"]
         assert r["speedup"] == pytest.approx(r["tps"] / plain, rel=0.01)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"], rel=0.01)
+        assert r["ideal"] > 0 and r["ideal_expected"] > 0
         assert 0 <= r["acceptance"] <= 1 and r["tokens_per_forward"] >= 1
         if r["variant"] == "k1":  # one draft: at most 2 tokens per forward
             assert r["tokens_per_forward"] <= 2
         if r["variant"] != "mlx_vlm" and "mlx_vlm" in variants:
             assert r["vs_mlx_vlm"] > 0
     ideal = {(r["acceptance_target"], r["variant"]): r["ideal"] for r in result["rows"]}
-    assert ideal[0.9, "k3"] > ideal[0.5, "k3"]  # more acceptance, more promised
+    expected = {(r["acceptance_target"], r["variant"]): r["ideal_expected"] for r in result["rows"]}
+    assert expected[0.9, "k3"] > expected[0.5, "k3"]  # more acceptance, more promised
     assert ideal[0.5, "policy"] == max(ideal[0.5, v] for v in variants if v != "mlx_vlm")
     assert set(result["goals"]) >= {"policy_efficiency", "vs_mlx_vlm", "plain_vs_mlx_lm"}
 
@@ -235,6 +254,22 @@ def test_cost_curve_has_nine_ratios_relative_to_one_token(echo_pairs):
     assert costs.ideal_speedup(0, 0.5, curve, "dense_head") == 1.0
     assert costs.ideal_speedup(2, 0.0, curve, "dense_head") < 1.0
     assert costs.expected_tokens(3, 1.0) == 4 and costs.expected_tokens(2, 0.5) == 1.75
+
+
+def test_the_ideal_replays_the_rounds_of_the_runs_own_hits():
+    """The first token (the prefill's) sits at position 10; drafts start at 11."""
+    hits = [False] * 11 + [True, True, False, True, True, True, True, True, True, True]
+    # K = 2, by hand: round 1 drafts 11 and 12 (both hit: they and the target's 13 are out),
+    # round 2 drafts 14 and 15 (both hit), round 3 would draft 17 and 18 but an answer of 9
+    # tokens has room for one more draft only.
+    assert costs.replayed_rounds(hits, 10, 9, 2) == [2, 2, 1]
+    assert costs.replayed_rounds(hits, 10, 9, 0) == [0] * 8  # plain: a step per token
+    # Never a hit: one token per round, the draft length shrinking towards the end.
+    assert costs.replayed_rounds([False] * 30, 10, 6, 3) == [3, 3, 2, 1, 0]
+    curve = {"target_seconds": [1.0, 1.2, 1.2, 1.3], "drafter_step_seconds": {"h": 0.1}}
+    # 8 plain steps against rounds costing 1.4 + 1.4 + 1.3.
+    assert costs.ideal_for_hits(2, hits, 10, 9, curve, "h") == pytest.approx(8 / 4.1)
+    assert costs.ideal_for_hits(0, hits, 10, 9, curve, "h") == 1.0
 
 
 def test_mlx_lm_twin_decodes_like_ours(pairs):

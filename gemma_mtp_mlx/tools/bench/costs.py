@@ -102,10 +102,38 @@ def expected_tokens(k: int, acceptance: float) -> float:
 
 
 def ideal_speedup(k: int, acceptance: float, curve: dict, head: str) -> float:
-    """What isolated costs promise for K drafts per round over plain decoding (K = 0: 1.0)."""
+    """What isolated costs promise for K drafts per round over plain decoding (K = 0: 1.0), in
+    the long run at acceptance A."""
     verify = curve["target_seconds"]
     round_seconds = verify[k] + k * curve["drafter_step_seconds"][head]
     return expected_tokens(k, acceptance) * verify[0] / round_seconds
+
+
+def replayed_rounds(hits, first: int, tokens: int, k: int) -> list[int]:
+    """The draft length of each round that fixed K makes for an answer of `tokens` tokens whose
+    first (the prefill's) sits at sequence position `first`, when the draft for position p is
+    accepted iff hits[p]: as the engine drafts, never past the answer's end (K = 0 at the very
+    end: a plain step)."""
+    rounds, emitted = [], 1
+    while emitted < tokens:
+        drafts = max(0, min(k, tokens - emitted - 1))
+        start = first + emitted  # the first draft's position
+        accepted = 0
+        while accepted < drafts and hits[start + accepted]:
+            accepted += 1
+        rounds.append(drafts)
+        emitted += accepted + 1
+    return rounds
+
+
+def ideal_for_hits(k: int, hits, first: int, tokens: int, curve: dict, head: str) -> float:
+    """What isolated costs promise for fixed K over plain decoding for this very answer: the
+    same hits and misses, so the same rounds. A short run's luck can sit well away from A (in 63
+    positions at A = 0.8, 0.7 is common), and the long-run formula would then count that luck as
+    the engine's loss or gain."""
+    verify, step = curve["target_seconds"], curve["drafter_step_seconds"][head]
+    spent = sum(verify[d] + d * step for d in replayed_rounds(hits, first, tokens, k))
+    return (tokens - 1) * verify[0] / spent
 
 
 # -- MoE verify cost curve (issue 7) -----------------------------------------------------------

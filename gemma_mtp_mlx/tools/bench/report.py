@@ -9,7 +9,7 @@ in the same run (`baseline_error` = reported / measured), and the speedup the me
 
 import statistics
 
-from .costs import ideal_speedup
+from .costs import ideal_for_hits, ideal_speedup
 from .measure import Run, Variant
 
 SIMULATED = (
@@ -77,7 +77,7 @@ def identical(variant: Variant, plain: Run) -> bool:
 
 # -- the shapes bench --------------------------------------------------------------------------
 def shape_rows(
-    acceptances: list[float],
+    proposals: dict,
     variants: dict[str, Variant],
     plain: Run,
     curve: dict,
@@ -85,31 +85,45 @@ def shape_rows(
     ks: tuple[int, ...],
     policy_max: int,
     vlm_block: int | None,
+    answer: tuple[int, int],
 ) -> list[dict]:
-    """One row per (acceptance, variant): `variants` holds "A/policy", "A/k1".., "A/mlx_vlm"."""
+    """One row per (acceptance, variant): `variants` holds "A/policy", "A/k1".., "A/mlx_vlm";
+    `proposals` the simulated drafter's `Proposals` per acceptance; `answer` (its first token's
+    position, its length). `ideal` is what isolated step costs promise for the run's own hits,
+    `ideal_expected` for acceptance A in the long run."""
+    first, tokens = answer
     rows = []
-    for a in acceptances:
+    for a, proposal in proposals.items():
         drafts = {"policy": None} | {f"k{k}": k for k in ks}
         if vlm_block is not None:
             drafts["mlx_vlm"] = vlm_block - 1
         vlm = variants.get(f"{a}/mlx_vlm")
         vlm_tps = vlm.median().tokens_per_second if vlm else None
+
+        def ideal(k, expected, a=a, hits=proposal.hits):
+            if expected:
+                return ideal_speedup(k, a, curve, head)
+            return ideal_for_hits(k, hits, first, tokens, curve, head)
+
         for name, k in drafts.items():
             v = variants[f"{a}/{name}"]
             run = v.median()
             tps = run.tokens_per_second
-            if k is None:  # the policy may choose any K; the best fixed K bounds what it can do
-                ideal = max(ideal_speedup(j, a, curve, head) for j in range(policy_max + 1))
-            else:
-                ideal = ideal_speedup(k, a, curve, head)
+            # The policy may choose any K; the best fixed K bounds what it can do.
+            promised = [
+                max(ideal(j, expected) for j in range(policy_max + 1)) if k is None
+                else ideal(k, expected)
+                for expected in (False, True)
+            ]
             speedup = tps / plain.tokens_per_second
             row = {
                 "acceptance_target": a,
                 "variant": name,
                 "tps": _r(tps, 2),
                 "speedup": _r(speedup),
-                "ideal": _r(ideal),
-                "efficiency": _r(speedup / ideal),
+                "ideal": _r(promised[0]),
+                "ideal_expected": _r(promised[1]),
+                "efficiency": _r(speedup / promised[0]),
                 "acceptance": _r(run.acceptance),
                 "tokens_per_forward": _r(run.tokens_per_forward),
                 "drafts_per_round": _r(run.drafted / len(run.rounds) if run.rounds else None),

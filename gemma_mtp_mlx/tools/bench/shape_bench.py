@@ -5,7 +5,8 @@ One random-weight pair of a real shape (shapes.py), one prompt, and per simulate
 plain, ours MTP with the engine's draft-length policy and at fixed K = 1..4, and mlx-vlm's MTP
 loop with the same simulated drafter (when mlx-vlm is importable). Every variant must produce
 ours-plain's tokens. The isolated step costs (costs.py), measured at the middle of the decode,
-give each row its ideal speedup, and efficiency = measured / ideal.
+give each row its ideal speedup for the run's own hits and misses, and efficiency = measured /
+ideal.
 """
 
 import dataclasses
@@ -67,9 +68,10 @@ def run_shape_bench(
         notes.append(f"mlx-vlm MTP skipped: {missing}")
     else:
         vlm_model = vlm_target(pair.target, eos_bias(pair.target, pair.tokenizer))
+    proposals = {}
     for a in acceptances:
-        proposals = Proposals(sequence, a, vocab, seed)
-        simulated = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
+        proposals[a] = Proposals(sequence, a, vocab, seed)
+        simulated = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals[a]))
 
         def ours(k, simulated=simulated):
             return lambda p, n: run_ours(simulated, p, n, mtp=True, k=k)
@@ -78,7 +80,7 @@ def run_shape_bench(
         for k in FIXED_KS:
             variants[f"{a}/k{k}"] = Variant(f"{a}/k{k}", ours(k))
         if vlm_model is not None:
-            drafter = vlm_drafter(pair.drafter, proposals)
+            drafter = vlm_drafter(pair.drafter, proposals[a])
             variants[f"{a}/mlx_vlm"] = Variant(
                 f"{a}/mlx_vlm", lambda p, n, d=drafter: run_mlx_vlm(vlm_model, d, p, n, VLM_BLOCK)
             )
@@ -93,9 +95,10 @@ def run_shape_bench(
     plain, lm = variants["plain"].median(), variants["mlx_lm"].median()
     head = "centroid_head" if pair.drafter.args.use_ordered_embeddings else "dense_head"
     rows = shape_rows(
-        acceptances, variants, plain, curve, head, FIXED_KS,
+        proposals, variants, plain, curve, head, FIXED_KS,
         policy_max=min(POLICY_MAX_DRAFT, COST_TOKENS - 1),
         vlm_block=None if vlm_model is None else VLM_BLOCK,
+        answer=(prompt_tokens, max_tokens),
     )
     plain_vs_mlx_lm = round(plain.tokens_per_second / lm.tokens_per_second, 3)
     if reference.tokens != plain.tokens:
