@@ -54,14 +54,18 @@ def test_a_plain_step_goes_stale_when_rounds_no_longer_cost_what_they_did_after_
     for _ in range(5):
         costs.observe_round(3, 2.0 * (1 + 2 * DRIFT))  # the machine slowed down
     assert costs.stale
-    costs.observe_plain(1.3)  # measured again: the rounds after it are what it goes with
-    assert not costs.stale
+    costs.start_measurement(provisional=False)
+    costs.observe_plain(1.3)  # measured again, from scratch: the rounds after it go with it
+    assert costs.plain == 1.3 and not costs.stale
     for _ in range(SETTLE + 20):  # even while the decayed average of all rounds catches up
         costs.observe_round(3, 2.4)
     assert not costs.stale
     for _ in range(5):
         costs.observe_round(3, 2.4 * (1 - 2 * DRIFT))  # faster now
     assert costs.stale
+    costs.start_measurement(provisional=True)  # taken in an answer's first rounds
+    costs.observe_plain(1.2)
+    assert costs.stale  # until measured again
 
 
 def test_a_steep_measured_slope_never_prices_a_round_below_a_plain_step():
@@ -143,7 +147,8 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     timed from the hand-over; costs learned for later answers of the same pair."""
     pair = echo_pairs[("dense", True)]
     measurements_for(pair.target, pair.drafter).by_rows.clear()
-    chunks = read(clock, generate(pair, PROMPT, max_tokens=60, ignore_eos=True, draft_tokens=3), 0.05)
+    # Fewer rounds than BASELINE_EVERY: no check after the first.
+    chunks = read(clock, generate(pair, PROMPT, max_tokens=30, ignore_eos=True, draft_tokens=3), 0.05)
     rounds = [c.round for c in chunks[1:]]
     assert [r.measuring for r in rounds[: BASELINE_STEPS + 1]] == [True] * (BASELINE_STEPS + 1)
     assert [r.plain_steady for r in rounds[: BASELINE_STEPS + 1]] == [False] + [True] * BASELINE_STEPS
@@ -155,16 +160,20 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     assert stats.baseline_steps == BASELINE_STEPS
     costs = measurements_for(pair.target, pair.drafter).rows(1)
     assert costs.plain == pytest.approx(0.05, rel=0.2) and 3 in costs.rounds
-    # The next answer, seconds later at about the same context, drafts throughout and shows
-    # that measurement, saying it was taken earlier.
+    # Taken right after a prefill, whose first steps are slow, that one is provisional: the next
+    # answer measures its own, BASELINE_AFTER rounds in.
+    assert costs.provisional
     again = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.05)
-    assert all(c.round.drafted for c in again[1:-2])
-    assert again[-1].stats.baseline_is_earlier
-    assert again[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.plain)
-    # Hours later, still the same cost per round: still no measurement of its own.
+    rounds = [c.round for c in again[1:]]
+    assert [r.drafted for r in rounds[: BASELINE_AFTER + 1]] == [3] * BASELINE_AFTER + [0]
+    assert again[-1].stats.baseline_steps == BASELINE_STEPS and not costs.provisional
+    # Hours later, still the same cost per round: the next answer drafts throughout and shows
+    # that measurement, saying it was taken earlier.
     clock.now += 3600
     later = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.05)
+    assert all(c.round.drafted for c in later[1:-2])
     assert later[-1].stats.baseline_is_earlier
+    assert later[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.plain)
     # Once rounds cost more than they did after that measurement (a busier machine), an answer
     # measures its own, BASELINE_AFTER rounds in (not the slower first steps after a prefill).
     slower = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.08)
@@ -172,7 +181,8 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     assert [r.drafted for r in rounds[: BASELINE_AFTER + 1]] == [3] * BASELINE_AFTER + [0]
     assert slower[-1].stats.baseline_steps == BASELINE_STEPS
     assert not slower[-1].stats.baseline_is_earlier
-    assert costs.plain > 0.05 and not costs.stale
+    # A new measurement starts over: the stale figure is not averaged in.
+    assert costs.plain == pytest.approx(0.08, rel=0.05) and not costs.stale
 
 
 def test_a_long_answer_measures_again_when_round_costs_drift(echo_pairs, clock):
@@ -187,8 +197,11 @@ def test_a_long_answer_measures_again_when_round_costs_drift(echo_pairs, clock):
         clock.now += 0.05 if i < 300 else 0.07
     measuring = [c.round.measuring for c in chunks[1:]]
     starts = [i for i, m in enumerate(measuring) if m and (i == 0 or not measuring[i - 1])]
-    assert starts[0] == 0 and len(starts) == 2  # at once (nothing measured yet), then once more
-    assert 300 < starts[1] <= 300 + BASELINE_EVERY + 1
+    # At once (nothing measured yet), at the next check (that one was provisional), then once
+    # after the drift.
+    assert len(starts) == 3 and starts[0] == 0, starts
+    assert starts[1] <= BASELINE_AFTER + BASELINE_EVERY + 1, starts
+    assert 300 < starts[2] <= 300 + BASELINE_EVERY + 1
 
 
 def test_policy_rounds_are_lossless(echo_pairs):
@@ -222,7 +235,8 @@ def test_an_answer_joining_a_running_decoder_takes_its_recent_measurement(echo_p
 
     pair = echo_pairs[("dense", False)]
     options = dict(max_tokens=30, draft_tokens=2, ignore_eos=True)
-    list(generate_batch(pair, [PROMPT, [2, 9, 310]], **options))  # 2 rows measured
+    for _ in range(2):  # 2 rows measured (the first time provisionally, right after a prefill)
+        list(generate_batch(pair, [PROMPT, [2, 9, 310]], **options))
     decoder = Decoder(pair, draft_tokens=2)
     sampler, stop = make_sampler(pair, ignore_eos=True)
     decoder.add(PROMPT, sampler, max_tokens=400, stop=stop)

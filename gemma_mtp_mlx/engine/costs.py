@@ -57,9 +57,18 @@ class RowCosts:
     # Since the latest plain step, per K: its first SETTLE round times, and a decayed average.
     first_since_plain: dict[int, list[float]] = field(default_factory=dict)
     since_plain: dict[int, float] = field(default_factory=dict)
+    # The latest measurement was taken in an answer's first rounds, which run slower than the
+    # rest (the pair's very first has to be: the policy needs a plain step): measure again.
+    provisional: bool = False
+    restart: bool = False  # the next plain step starts a new measurement
+
+    def start_measurement(self, provisional: bool) -> None:
+        """The next plain steps measure `plain` anew: a stale figure is not averaged in."""
+        self.restart, self.provisional = True, provisional
 
     def observe_plain(self, seconds: float) -> None:
-        self.plain = _average(self.plain, seconds)
+        self.plain = seconds if self.restart else _average(self.plain, seconds)
+        self.restart = False
         self.first_since_plain, self.since_plain = {}, {}
 
     def observe_round(self, k: int, seconds: float) -> None:
@@ -71,8 +80,9 @@ class RowCosts:
 
     @property
     def stale(self) -> bool:
-        """No plain step measured yet, or rounds no longer cost what they did just after it."""
-        if self.plain is None:
+        """No plain step measured yet, only a provisional one, or rounds no longer cost what they
+        did just after it."""
+        if self.plain is None or self.provisional:
             return True
         for k, first in self.first_since_plain.items():
             if len(first) == SETTLE and abs(self.since_plain[k] / median(first) - 1) > DRIFT:

@@ -15,7 +15,8 @@ pair's plain step for this many rows is still current: that rounds cost what the
 after it was measured (`RowCosts.stale`). If not, the next rounds are plain steps
 (BASELINE_STEPS after the one that fills the pipeline), which costs only those rounds' missed
 drafting, and only when the machine or the context has changed. A pair that has no plain step
-measured yet measures at once: the policy needs it. Parked rounds are samples too. An answer
+measured yet measures at once (the policy needs it), and again at the next check: steps right
+after a prefill are slow. Parked rounds are samples too. An answer
 that measured none of its own shows the pair's latest, and says so. Counting rounds rather than
 tokens keeps the rows of a batch on the schedule each would have alone (they start together and
 share every round).
@@ -133,7 +134,7 @@ class Decoder:
             frozenset(stop),
             stats,
             last_out=now,
-            rounds_to_baseline=0 if earlier is None else BASELINE_AFTER,
+            rounds_to_baseline=BASELINE_AFTER,
         )
         kept = self._keep(stream, [first])
         if stream.finish_reason is None:
@@ -199,6 +200,9 @@ class Decoder:
         due = costs.plain is None or (bool(checked) and costs.stale)
         if due and not self.baseline_left:
             self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
+            costs.start_measurement(
+                provisional=any(s.stats.rounds < BASELINE_AFTER for s in self.streams)
+            )
         self.measuring = bool(self.baseline_left)
         if self.measuring:
             self.baseline_left -= 1
