@@ -82,15 +82,13 @@ def run_bench(
     results: dict[str, dict] = {}
     for i, work in enumerate(workloads(pair, max_tokens)):
         sweep = ks if (not quick or i == 0) else ()
-        variants = [
-            Variant("plain", lambda p, n: run_ours(pair, p, n, mtp=False)),
-            Variant("mtp", lambda p, n: run_ours(pair, p, n, mtp=True)),
-        ]
+        variants = [Variant("plain", lambda p, n: run_ours(pair, p, n, mtp=False))]
+        if i == 0:  # next to plain in every repeat (the order reverses): a paired comparison
+            variants.append(Variant("never_hit", _never_hit(pair, work.prompt, max_tokens)))
+        variants.append(Variant("mtp", lambda p, n: run_ours(pair, p, n, mtp=True)))
         variants += [
             Variant(f"k{k}", lambda p, n, k=k: run_ours(pair, p, n, mtp=True, k=k)) for k in sweep
         ]
-        if i == 0:
-            variants.append(Variant("never_hit", _never_hit(pair, work.prompt, max_tokens)))
         if twin is not None:
             variants.append(
                 Variant("mlx_lm", lambda p, n: run_mlx_lm(twin, pair.tokenizer, p, n))
@@ -168,6 +166,7 @@ def _report(pair, results, cost, notes, *, max_tokens, repeats, quick) -> dict:
         "never_hit": None if never is None else {
             "tokens_per_second": never["tokens_per_second"],
             "vs_plain": never["vs_plain"],
+            "vs_plain_paired": never["vs_plain_paired"],
             "acceptance_rate": never["acceptance_rate"],
             "mean_draft_tokens": never["mean_draft_tokens"],  # 0 when the policy parks
         },
@@ -184,7 +183,10 @@ def _report(pair, results, cost, notes, *, max_tokens, repeats, quick) -> dict:
     out["goals"] = {
         "plain_vs_mlx_lm": _goal(out["plain_vs_mlx_lm"], GOALS["plain_vs_mlx_lm"]),
         "mtp_speedup": _goal(out["speedup"], GOALS["mtp_speedup"]),
-        "never_hit_vs_plain": _goal(never and never["vs_plain"], GOALS["never_hit_vs_plain"]),
+        # Paired by repeat: the effect sought is a few percent, this VM drifts by tens.
+        "never_hit_vs_plain": _goal(
+            never and never["vs_plain_paired"], GOALS["never_hit_vs_plain"]
+        ),
     }
     return out
 

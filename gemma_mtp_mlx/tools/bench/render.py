@@ -176,7 +176,8 @@ def render_pair(result: dict, console) -> None:
     if never:
         console.print(
             f"drafter that never hits: {never['tokens_per_second']:.1f} tok/s = "
-            f"{never['vs_plain']:.2f}x plain, {never['mean_draft_tokens']:.2f} drafts per round"
+            f"{never['vs_plain']:.2f}x plain by medians, {never['vs_plain_paired']:.2f}x paired by "
+            f"repeat; {never['mean_draft_tokens']:.2f} drafts per round"
         )
     _goals(console, result["goals"])
     for note in result["notes"]:

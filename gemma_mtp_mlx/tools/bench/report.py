@@ -63,6 +63,15 @@ def paired_meter(variant: Variant, plain: Variant) -> dict:
     }
 
 
+def paired_vs_plain(variant: Variant, plain: Variant) -> float | None:
+    """The median over repeats of variant tok/s / the same repeat's ours-plain tok/s. Run next to
+    each other in time, the two share the machine's state of the moment; a few-percent effect
+    (a drafter that never hits) is lost between medians taken minutes apart on a VM whose speed
+    drifts by tens of percent."""
+    ratios = [r.tokens_per_second / p.tokens_per_second for r, p in zip(variant.runs, plain.runs)]
+    return _r(statistics.median(ratios)) if ratios else None
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -200,6 +209,7 @@ def workload_result(description: str, prompt_tokens: int, variants: list[Variant
         out[v.label]["best_tokens_per_second"] = round(best, 2)
         out[v.label]["best_vs_plain"] = round(best / fastest_plain.tokens_per_second, 3)
         out[v.label]["identical_to_plain"] = identical(v, plain)
+        out[v.label]["vs_plain_paired"] = paired_vs_plain(v, by_label["plain"])
         out[v.label] |= paired_meter(v, by_label["plain"])
     out["outputs_identical"] = all(identical(v, plain) for v in variants)
     return out
