@@ -89,6 +89,22 @@ def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
     assert policy.choose(costs, limit=2) == 2
 
 
+def test_positions_never_reached_look_like_the_deepest_reached():
+    """Rounds of 4 drafts that all hit say nothing about a fifth; it is taken to be as likely as
+    the fourth, so the policy tries 5 when the costs say a fifth draft is nearly free (and
+    learns), where a fixed prior of 0.6 kept it at 4."""
+    policy = DraftPolicy(max_draft=6)
+    for _ in range(30):
+        policy.observe(4, 4)
+    acceptance = policy.acceptance
+    assert acceptance[3] > 0.9 and acceptance[4] == pytest.approx(acceptance[3], abs=0.02)
+    costs = measured(1.0, {k: 1.0 + 0.05 * k for k in range(1, 7)})
+    assert policy.best(costs) == 6
+    for _ in range(30):  # the fifth draft turns out to miss every time
+        policy.observe(6, 4)
+    assert policy.acceptance[4] < 0.1 and policy.best(costs) == 4
+
+
 def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
     costs = measured(1.0, {1: 1.6, 2: 2.0})
     policy = DraftPolicy(max_draft=2)

@@ -16,6 +16,9 @@ POLICY_MAX_DRAFT = 6  # the most drafts the policy considers (a fixed K may ask 
 PARKED_PROBE_START = 16  # a probe that misses costs about one plain step more than it brings
 PARKED_PROBE_MAX = 128
 # Acceptance estimates start optimistic-but-uncertain and follow recent rounds (exponential decay).
+# The first position's prior is PRIOR_ACCEPTED; a deeper one's is the estimate one position up,
+# so positions never reached yet (no round has drafted that deep) look like those that were: with
+# a fixed 0.6 there, a drafter hitting 90 % never tried a fifth draft that would have paid.
 PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
 
 
@@ -31,14 +34,21 @@ def expected_tokens(k: int, acceptance: list[float]) -> float:
 class DraftPolicy:
     def __init__(self, max_draft: int = POLICY_MAX_DRAFT):
         self.max_draft = max_draft
-        self.accepted = [PRIOR_ACCEPTED * PRIOR_SEEN] * max_draft
-        self.seen = [PRIOR_SEEN] * max_draft
+        # Per position: decayed counts of rounds that reached it and accepted it, and the weight
+        # left to the prior (it decays with the counts).
+        self.accepted = [0.0] * max_draft
+        self.seen = [0.0] * max_draft
+        self.prior_weight = [PRIOR_SEEN] * max_draft
         self.parked_rounds = 0
         self.probe_interval = PARKED_PROBE_START
 
     @property
     def acceptance(self) -> list[float]:
-        return [a / s for a, s in zip(self.accepted, self.seen)]
+        out, prior = [], PRIOR_ACCEPTED
+        for a, s, w in zip(self.accepted, self.seen, self.prior_weight):
+            prior = (a + w * prior) / (s + w)
+            out.append(prior)
+        return out
 
     def best(self, costs) -> int:
         acceptance = self.acceptance
@@ -67,5 +77,6 @@ class DraftPolicy:
         for i in range(min(drafted, self.max_draft)):
             self.accepted[i] = self.accepted[i] * DECAY + (1.0 if i < accepted else 0.0)
             self.seen[i] = self.seen[i] * DECAY + 1.0
+            self.prior_weight[i] *= DECAY
             if i >= accepted:
                 break
