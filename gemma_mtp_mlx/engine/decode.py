@@ -16,10 +16,9 @@ after it was measured (`RowCosts.stale`). If not, the next rounds are plain step
 (BASELINE_STEPS after the one that fills the pipeline), which costs only those rounds' missed
 drafting, and only when the machine or the context has changed. A pair that has no plain step
 measured yet measures at once (the policy needs it), and again at the next check: steps right
-after a prefill are slow. Parked rounds are samples too. An answer
-that measured none of its own shows the pair's latest, and says so. Counting rounds rather than
-tokens keeps the rows of a batch on the schedule each would have alone (they start together and
-share every round).
+after a prefill are slow. Parked rounds are samples too. An answer that measured none of its own
+shows the pair's latest, and says so. Counting rounds rather than tokens keeps the rows of a batch
+on the schedule each would have alone (they start together and share every round).
 """
 
 import time
