@@ -66,10 +66,10 @@ def test_sampled_rows_equal_their_own_seeded_runs(echo_pairs, monkeypatch):
     makes: with the same draft length every round, batched sampling must reproduce those runs
     token for token. Same rounds means no run pauses to measure the baseline where another
     does not: the engine's measurements are warmed for every batch size first (twice: the first
-    is provisional), and kept from going stale. (With the policy the draft lengths follow this machine's timings; sampled rows
-    are compared in distribution in test_sampling.) Near its limit a row drafts as little as the
-    longest row in the batch needs, a single run as it needs itself: the last rounds may
-    differ, so the first 30 of 40 tokens are compared."""
+    is provisional), and kept from going stale. (With the policy the draft lengths follow this
+    machine's timings; sampled rows are compared in distribution in test_sampling.) Near its
+    limit a row drafts as little as the longest row in the batch needs, a single run as it
+    needs itself: the last rounds may differ, so the first 30 of 40 tokens are compared."""
     monkeypatch.setattr(costs, "DRIFT", float("inf"))
     for centroids in (False, True):
         pair = echo_pairs[("e2b", centroids)]
