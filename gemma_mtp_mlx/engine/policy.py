@@ -34,18 +34,19 @@ def expected_tokens(k: int, acceptance: list[float]) -> float:
 class DraftPolicy:
     def __init__(self, max_draft: int = POLICY_MAX_DRAFT):
         self.max_draft = max_draft
-        # Per position: decayed counts of rounds that reached it and accepted it, and the weight
-        # left to the prior (it decays with the counts).
+        # Per position: decayed counts of rounds that reached it and that accepted it.
         self.accepted = [0.0] * max_draft
         self.seen = [0.0] * max_draft
-        self.prior_weight = [PRIOR_SEEN] * max_draft
         self.parked_rounds = 0
         self.probe_interval = PARKED_PROBE_START
 
     @property
     def acceptance(self) -> list[float]:
         out, prior = [], PRIOR_ACCEPTED
-        for a, s, w in zip(self.accepted, self.seen, self.prior_weight):
+        for a, s in zip(self.accepted, self.seen):
+            # After n observations seen = (1 - DECAY^n) / (1 - DECAY): the prior's weight,
+            # PRIOR_SEEN x DECAY^n, decays with them.
+            w = PRIOR_SEEN * max(0.0, 1.0 - (1.0 - DECAY) * s)
             prior = (a + w * prior) / (s + w)
             out.append(prior)
         return out
@@ -77,6 +78,5 @@ class DraftPolicy:
         for i in range(min(drafted, self.max_draft)):
             self.accepted[i] = self.accepted[i] * DECAY + (1.0 if i < accepted else 0.0)
             self.seen[i] = self.seen[i] * DECAY + 1.0
-            self.prior_weight[i] *= DECAY
             if i >= accepted:
                 break
