@@ -108,31 +108,23 @@ def shape_rows(
             drafts["mlx_vlm"] = vlm_block - 1
         vlm = variants.get(f"{a}/mlx_vlm")
         vlm_tps = vlm.median().tokens_per_second if vlm else None
-
-        def ideal(k, expected, a=a, hits=proposal.hits):
-            if expected:
-                return ideal_speedup(k, a, curve, head)
-            return ideal_for_hits(k, hits, first, tokens, curve, head)
-
         for name, k in drafts.items():
             v = variants[f"{a}/{name}"]
             run = v.median()
             tps = run.tokens_per_second
             # The policy may choose any K; the best fixed K bounds what it can do.
-            promised = [
-                max(ideal(j, expected) for j in range(policy_max + 1)) if k is None
-                else ideal(k, expected)
-                for expected in (False, True)
-            ]
+            ks_held = range(policy_max + 1) if k is None else (k,)
+            ideal = max(ideal_for_hits(j, proposal.hits, first, tokens, curve, head) for j in ks_held)
+            expected = max(ideal_speedup(j, a, curve, head) for j in ks_held)
             speedup = tps / plain.tokens_per_second
             row = {
                 "acceptance_target": a,
                 "variant": name,
                 "tps": _r(tps, 2),
                 "speedup": _r(speedup),
-                "ideal": _r(promised[0]),
-                "ideal_expected": _r(promised[1]),
-                "efficiency": _r(speedup / promised[0]),
+                "ideal": _r(ideal),
+                "ideal_expected": _r(expected),
+                "efficiency": _r(speedup / ideal),
                 "acceptance": _r(run.acceptance),
                 "tokens_per_forward": _r(run.tokens_per_forward),
                 "drafts_per_round": _r(run.drafted / len(run.rounds) if run.rounds else None),
