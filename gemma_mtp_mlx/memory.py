@@ -4,10 +4,10 @@ The estimate is target weights + drafter weights + the KV cache at the context t
 uses (`--context`, by default the target's `max_position_embeddings`: a chat may fill it).
 Weights are counted on the loader's own model, built lazily (MLX allocates nothing until
 evaluated): for a checkpoint on disk, exactly as `load` builds it from the files (dtypes and
-quantised modules as stored); for one not downloaded yet, from its config (the hub's, or `models/configs.py` for an alias) at
-the precision it will be stored in. The KV cache follows from `ModelArgs`: layers that share
-another layer's K/V store nothing, full-attention layers keep every token, sliding layers
-keep their window plus the rollback slack.
+quantised modules as stored); for one not downloaded yet, from its config (the hub's, or
+`models/configs.py` for an alias) at the precision it will be stored in. The KV cache follows
+from `ModelArgs`: layers that share another layer's K/V store nothing, full-attention layers keep
+every token, sliding layers keep their window plus the rollback slack.
 
 The limit is `--max-memory`, by default 75 % of physical memory (macOS keeps the rest for
 itself and other apps) and, on a Mac, no more than Metal's recommended working set.

@@ -68,8 +68,9 @@ def render_shape(result: dict, console) -> None:
     console.print(
         "speedup = tok/s / ours plain; ideal = what isolated step costs promise for this run's "
         "own hits and misses (the policy: the best fixed K); eff = speedup / ideal; "
-        "acc = accepted / drafts the verification reached; K = drafts per round; /vlm = ours / mlx-vlm's MTP; meter = the speedup our engine "
-        "reported (its baseline / ours plain measured)", style="dim",
+        "acc = accepted / drafts the verification reached; K = drafts per round; /vlm = ours / "
+        "mlx-vlm's MTP; meter = the speedup our engine reported (its baseline / ours plain "
+        "measured)", style="dim",
     )
     c = result["costs"]
     head = c["drafter_head"]
