@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from . import __version__
 from .aliases import ALIASES, check_precision
+from .blas import leave_a_core_to_the_host
 from .errors import DownloadInterrupted, GemmaChatError
 from .models.rollback import max_draft_tokens
 
@@ -81,6 +82,7 @@ def main_command(
 ):
     """Without --prompt: the interactive chat on a terminal, or one answer per input line when
     stdin is a pipe or a file."""
+    leave_a_core_to_the_host()  # every command, before a model runs (blas.py says why)
     if ctx.invoked_subcommand is not None:
         return
     from .chat.session import Session, Settings

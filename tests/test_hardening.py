@@ -129,10 +129,26 @@ def clean_env(**extra) -> dict:
     not sys.platform.startswith("linux") or blas.openblas_library() is None,
     reason="Debian's OpenBLAS (libopenblas0-pthread) is not installed",
 )
-def test_gemma_chat_preloads_openblas_by_itself(tmp_path):
-    r = run_entry_point("doctor", env=clean_env(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1"))
-    assert r.returncode == 0, r.stderr
-    assert "OpenBLAS (preloaded by gemma-chat)" in r.stdout  # and it ended: no re-exec loop
+def test_gemma_chat_preloads_openblas_by_itself_and_leaves_a_core_to_the_host(tmp_path):
+    env = clean_env(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
+    env = {k: v for k, v in env.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    r = run_entry_point("doctor", env=env)
+    assert r.returncode == 0, r.stderr  # and it ended: no re-exec loop
+    cores = blas.usable_cores()
+    shown = r"OpenBLAS \(preloaded by gemma-chat, (\d+) threads? of (\d+) cores\)"
+    threads, of = map(int, re.search(shown, r.stdout).groups())
+    assert of == cores and threads == max(1, cores - 1)
+    # The user's own setting stands (all cores: OpenBLAS caps it there).
+    r = run_entry_point("doctor", env=env | {"OPENBLAS_NUM_THREADS": str(cores)})
+    assert re.search(shown, r.stdout).groups() == (str(cores), str(cores)), r.stdout
+
+
+def test_blas_threads_leave_one_core_to_the_host_unless_the_user_chose():
+    assert blas.host_core_threads({}, 2) == 1
+    assert blas.host_core_threads({}, 10) == 9
+    assert blas.host_core_threads({}, 1) is None  # nothing to spare: OpenBLAS's own choice
+    assert blas.host_core_threads({"OPENBLAS_NUM_THREADS": "4"}, 10) is None
+    assert blas.host_core_threads({"OMP_NUM_THREADS": "4"}, 10) is None
 
 
 def test_linux_without_openblas_says_how_to_get_it_once(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ... import __version__
+from ...blas import openblas_threads
 
 
 def machine() -> dict:
@@ -33,7 +34,7 @@ def machine() -> dict:
         "device": str(mx.default_device()),
         "openblas_preload": "openblas" in preload.lower(),
         "ld_preload": preload or None,
-        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "openblas_threads": openblas_threads(),  # as set: gemma-chat leaves the host a core
         "load_average": load_average(),  # at the end of the run; other work skews timings
     }
 
