@@ -240,6 +240,16 @@ def test_quick_pair_bench_reports_every_field_with_identical_outputs(echo_pairs)
     never = result["never_hit"]
     assert never["vs_plain_paired"] == pytest.approx(never["vs_plain"], abs=0.002)
     assert result["goals"]["never_hit_vs_plain"]["value"] == never["vs_plain_paired"]
+    # Quick: fixed K on prose only, so the policy is held against prose's best K alone.
+    best_k = max(prose["k1"]["tokens_per_second"], prose["k3"]["tokens_per_second"])
+    policy_goal = result["goals"]["policy_vs_best_k"]
+    assert policy_goal["value"] == round(prose["mtp"]["tokens_per_second"] / best_k, 3)
+    assert policy_goal["met"] == (policy_goal["value"] >= 0.9)
+    errors = [run["baseline_error_paired"] for w in result["workloads"].values()
+              for run in w.values() if isinstance(run, dict) and "baseline_error_paired" in run]
+    assert len(errors) >= 4  # plain on every workload at least
+    within = sum(0.9 <= e <= 1.1 for e in errors) / len(errors)
+    assert result["goals"]["meter_within_10pct"]["value"] == pytest.approx(within, abs=0.001)
     # The meter's baseline comes from rounds that drafted nothing: plain decoding has only those.
     assert prose["plain"]["baseline_error"] > 0 and prose["plain"]["meter_speedup"] > 0
     if peers.mlx_vlm_missing() is None:

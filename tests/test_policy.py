@@ -68,6 +68,24 @@ def test_a_plain_step_goes_stale_when_rounds_no_longer_cost_what_they_did_after_
     assert costs.stale  # until measured again
 
 
+def test_between_measurements_the_plain_step_moves_with_the_rounds():
+    costs = RowCosts()
+    costs.observe_plain(1.0)
+    for _ in range(SETTLE):
+        costs.observe_round(3, 2.0)
+    assert costs.current_plain == 1.0 and costs.round_seconds(0) == 1.0
+    for _ in range(40):  # the machine is 6 % slower: within DRIFT, so not measured again
+        costs.observe_round(3, 2.0 * 1.06)
+    assert not costs.stale
+    assert costs.current_plain == pytest.approx(1.06, rel=1e-3) == costs.round_seconds(0)
+    for _ in range(SETTLE):  # another K settles at the newer speed: the median of both
+        costs.observe_round(2, 1.5)
+    assert costs.current_plain == pytest.approx((1.06 + 1.0) / 2, rel=1e-3)
+    assert costs.plain == 1.0  # what was measured stays as measured
+    costs.observe_plain(0.9)  # measured (a decayed average): the rounds after it go with it
+    assert costs.current_plain == costs.plain == pytest.approx(0.98)
+
+
 def test_a_steep_measured_slope_never_prices_a_round_below_a_plain_step():
     """Seen in a batch run: rounds of K = 2 and 3 measured 1.1 and 2.9 plain steps (noise), so
     the line through them reaches zero at K = 1.4 and the policy divided by zero below it."""
@@ -189,7 +207,8 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     later = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.05)
     assert all(c.round.drafted for c in later[1:-2])
     assert later[-1].stats.baseline_is_earlier
-    assert later[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.plain)
+    assert later[-1].stats.baseline_tokens_per_second == pytest.approx(1 / costs.current_plain)
+    assert costs.current_plain == pytest.approx(costs.plain, rel=0.01)  # the rounds did not move
     # Once rounds cost more than they did after that measurement (a busier machine), an answer
     # measures its own, BASELINE_AFTER rounds in (not the slower first steps after a prefill).
     slower = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3), 0.08)

@@ -19,10 +19,12 @@ averages, so they follow the context as it grows.
 The plain step is only measured now and then (while drafting, plain steps are extra work), so it
 carries the round costs seen just after it: the same machine doing the same work at the same
 cost per round does plain steps at the same cost too. Per K, the median of the first SETTLE
-rounds after the plain step (a median: one of them may carry a stall) is what it goes with;
-once the rounds since then (a decayed average of those alone) cost DRIFT more or less (the
-machine got busier or cooler, the context grew), the plain step is stale and the decoder
-measures it again.
+rounds after the plain step (a median: one of them may carry a stall) is what it goes with.
+Between measurements the plain step moves with the rounds (`current_plain`: the measured step
+times the rounds' cost now over then), so that the meter and the policy follow a machine that
+speeds up or slows down by a few percent; once the rounds since then (a decayed average of
+those alone) cost DRIFT more or less (the machine got busier or cooler, the context grew),
+the plain step is stale and the decoder measures it again.
 
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
@@ -54,8 +56,10 @@ def _average(old: float | None, new: float) -> float:
 class RowCosts:
     plain: float | None = None
     rounds: dict[int, float] = field(default_factory=dict)
-    # Since the latest plain step, per K: its first SETTLE round times, and a decayed average.
+    # Since the latest plain step, per K: its first SETTLE round times, their median once all
+    # are in, and a decayed average.
     first_since_plain: dict[int, list[float]] = field(default_factory=dict)
+    settled: dict[int, float] = field(default_factory=dict)
     since_plain: dict[int, float] = field(default_factory=dict)
     # The latest measurement was taken in an answer's first rounds, which run slower than the
     # rest (the pair's very first has to be: the policy needs a plain step): measure again.
@@ -69,7 +73,7 @@ class RowCosts:
     def observe_plain(self, seconds: float) -> None:
         self.plain = seconds if self.restart else _average(self.plain, seconds)
         self.restart = False
-        self.first_since_plain, self.since_plain = {}, {}
+        self.first_since_plain, self.settled, self.since_plain = {}, {}, {}
 
     def observe_round(self, k: int, seconds: float) -> None:
         self.rounds[k] = _average(self.rounds.get(k), seconds)
@@ -77,6 +81,12 @@ class RowCosts:
         first = self.first_since_plain.setdefault(k, [])
         if len(first) < SETTLE:
             first.append(seconds)
+            if len(first) == SETTLE:
+                self.settled[k] = median(first)
+
+    def _drifts(self) -> list[float]:
+        """Per K settled since the latest plain step: what its rounds cost now over then."""
+        return [self.since_plain[k] / then for k, then in self.settled.items()]
 
     @property
     def stale(self) -> bool:
@@ -84,33 +94,40 @@ class RowCosts:
         did just after it."""
         if self.plain is None or self.provisional:
             return True
-        for k, first in self.first_since_plain.items():
-            if len(first) == SETTLE and abs(self.since_plain[k] / median(first) - 1) > DRIFT:
-                return True
-        return False
+        return any(abs(d - 1) > DRIFT for d in self._drifts())
+
+    @property
+    def current_plain(self) -> float | None:
+        """The measured plain step, moved as the rounds' costs have moved since (None: not
+        measured yet). What the meter shows and the policy weighs drafting against."""
+        if self.plain is None:
+            return None
+        drifts = self._drifts()
+        return self.plain * median(drifts) if drifts else self.plain
 
     def round_seconds(self, k: int) -> float:
         """Expected wall time of a round with K drafts (K = 0: a plain step). Needs `plain`."""
+        plain = self.current_plain
         if k == 0:
-            return self.plain
+            return plain
         if k in self.rounds:
             return self.rounds[k]
         known = sorted(self.rounds)
         if not known:
-            return self.plain * (PRIOR_ROUND + PRIOR_PER_DRAFT * k)
+            return plain * (PRIOR_ROUND + PRIOR_PER_DRAFT * k)
         below = [j for j in known if j < k]
         above = [j for j in known if j > k]
         if below and above:
             lo, hi = below[-1], above[0]
             return self.rounds[lo] + (self.rounds[hi] - self.rounds[lo]) * (k - lo) / (hi - lo)
         near = below[-2:] if below else above[:2]
-        slope = self.plain * PRIOR_PER_DRAFT
+        slope = plain * PRIOR_PER_DRAFT
         if len(near) == 2:
             slope = max(0.0, (self.rounds[near[1]] - self.rounds[near[0]]) / (near[1] - near[0]))
         j = near[-1] if below else near[0]
         # A round with drafts costs at least a plain step (its verify is a forward of 2+ tokens);
         # extrapolating down a steep, noisy slope could otherwise reach zero.
-        return max(self.plain, self.rounds[j] + slope * (k - j))
+        return max(plain, self.rounds[j] + slope * (k - j))
 
 
 class Measurements:

@@ -17,8 +17,9 @@ after it was measured (`RowCosts.stale`). If not, the next rounds are plain step
 drafting, and only when the machine or the context has changed. A pair that has no plain step
 measured yet measures at once (the policy needs it), and again at the next check: steps right
 after a prefill are slow. Parked rounds are samples too. An answer that measured none of its own
-shows the pair's latest, and says so. Counting rounds rather than tokens keeps the rows of a batch
-on the schedule each would have alone (they start together and share every round).
+shows the pair's latest (moved as round costs have moved since, `RowCosts.current_plain`), and
+says so. Counting rounds rather than tokens keeps the rows of a batch on the schedule each would
+have alone (they start together and share every round).
 """
 
 import time
@@ -119,7 +120,7 @@ class Decoder:
             raise GemmaChatError(f"at most {most} draft tokens with this context")
         self._close_plain()  # the pipeline restarts with the newcomer in it
         stats = GenerationStats(context_tokens=len(ctx.tokens))
-        earlier = self.measurements.rows(len(self.streams) + 1).plain
+        earlier = self.measurements.rows(len(self.streams) + 1).current_plain
         stats.earlier_baseline_seconds = earlier
         start = clock()
         logits, hidden, stats.prompt_tokens = ctx.prefill(prompt)
@@ -240,7 +241,7 @@ class Decoder:
             stats.emitted, stats.seconds, s.last_out = len(kept), end - s.last_out, end
             s.rounds_to_baseline -= 1
             s.stats.add_round(stats)
-            s.stats.earlier_baseline_seconds = costs.plain
+            s.stats.earlier_baseline_seconds = costs.current_plain
             out.append(Emitted(s, kept, stats, s.finish_reason))
         self.last_end = end
         return out

@@ -38,12 +38,15 @@ from .workloads import workloads
 
 FIXED_KS = (1, 2, 3, 4, 5, 6)
 VLM_BLOCK = 4  # mlx-vlm's default draft_block_size: the bonus token and 3 drafts
-# The goals of issue #6: what a run is held against (reported, never asserted).
+# The goals of issues #6 and #12: what a run is held against (reported, never asserted).
 GOALS = {
     "plain_vs_mlx_lm": 1.0,  # ours plain / mlx-lm plain
     "mtp_speedup": 1.5,  # ours MTP / ours plain, on the demo pair
     "never_hit_vs_plain": 0.97,  # ours with a drafter that never hits / ours plain
+    "policy_vs_best_k": 0.9,  # the policy / the best fixed K, on the worst workload
+    "meter_within_10pct": 1.0,  # share of (variant, workload) baselines within 10 % of plain's
 }
+METER_TOLERANCE = 0.1
 
 
 def run_bench(
@@ -187,8 +190,35 @@ def _report(pair, results, cost, notes, *, max_tokens, repeats, quick) -> dict:
         "never_hit_vs_plain": _goal(
             never and never["vs_plain_paired"], GOALS["never_hit_vs_plain"]
         ),
+        "policy_vs_best_k": _goal(_policy_vs_best_k(results), GOALS["policy_vs_best_k"]),
+        "meter_within_10pct": _goal(_meter_within(results), GOALS["meter_within_10pct"]),
     }
     return out
+
+
+def _policy_vs_best_k(results: dict) -> float | None:
+    """The policy's tok/s over the best fixed K's, on the workload where it is lowest (of those
+    with fixed K runs: prose only with --quick)."""
+    ratios = []
+    for w in results.values():
+        fixed = [w[f"k{k}"]["tokens_per_second"] for k in FIXED_KS if f"k{k}" in w]
+        if fixed and "mtp" in w:
+            ratios.append(w["mtp"]["tokens_per_second"] / max(fixed))
+    return round(min(ratios), 3) if ratios else None
+
+
+def _meter_within(results: dict) -> float | None:
+    """The share of our runs (every variant on every workload) whose reported baseline is within
+    METER_TOLERANCE of ours plain measured in the same repeat (`baseline_error_paired`)."""
+    errors = [
+        run["baseline_error_paired"]
+        for w in results.values()
+        for run in w.values()
+        if isinstance(run, dict) and run.get("baseline_error_paired") is not None
+    ]
+    if not errors:
+        return None
+    return round(sum(abs(e - 1) <= METER_TOLERANCE for e in errors) / len(errors), 3)
 
 
 def _meter(results: dict) -> dict:
