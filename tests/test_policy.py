@@ -68,6 +68,36 @@ def test_a_plain_step_goes_stale_when_rounds_no_longer_cost_what_they_did_after_
     assert costs.stale  # until measured again
 
 
+def test_a_measurement_far_from_what_the_rounds_predicted_is_taken_once_more():
+    costs = RowCosts()
+    costs.observe_plain(1.0)
+    for _ in range(SETTLE):
+        costs.observe_round(3, 2.0)
+    for _ in range(10):
+        costs.observe_round(3, 2.4)  # 20 % slower
+    assert costs.stale
+    costs.start_measurement(provisional=False)
+    costs.observe_plain(1.25)
+    for _ in range(SETTLE):  # rounds at 1.2x what went with 1.0: 1.25 is near the 1.2 expected
+        costs.observe_round(3, 2.4)
+    assert not costs.stale and costs.plain == 1.25
+    for _ in range(10):
+        costs.observe_round(3, 2.4 * 1.25)  # slower again
+    assert costs.stale
+    costs.start_measurement(provisional=False)
+    costs.observe_plain(2.2)  # a stall among the few steps measured: 1.25 x 1.25 was expected
+    for _ in range(SETTLE - 1):
+        costs.observe_round(3, 3.0)
+    assert not costs.stale  # not checked until the rounds after it have settled
+    costs.observe_round(3, 3.0)
+    assert costs.stale  # 40 % off: taken again at the next check
+    costs.start_measurement(provisional=False)
+    costs.observe_plain(1.6)
+    for _ in range(SETTLE):
+        costs.observe_round(3, 3.0)
+    assert not costs.stale and costs.plain == 1.6  # the second stands
+
+
 def test_between_measurements_the_plain_step_moves_with_the_rounds():
     costs = RowCosts()
     costs.observe_plain(1.0)

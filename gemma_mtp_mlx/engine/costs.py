@@ -24,7 +24,10 @@ Between measurements the plain step moves with the rounds (`current_plain`: the 
 times the rounds' cost now over then), so that the meter and the policy follow a machine that
 speeds up or slows down by a few percent; once the rounds since then (a decayed average of
 those alone) cost DRIFT more or less (the machine got busier or cooler, the context grew),
-the plain step is stale and the decoder measures it again.
+the plain step is stale and the decoder measures it again. A measurement is a few steps, and a
+stall among them would otherwise stand for as long as the rounds hold still: once the rounds
+after it settle, it is held to the one before, moved as the rounds' medians moved between the
+two, and taken once more at the next check if it lands DRIFT away.
 
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
@@ -62,12 +65,19 @@ class RowCosts:
     settled: dict[int, float] = field(default_factory=dict)
     since_plain: dict[int, float] = field(default_factory=dict)
     # The latest measurement was taken in an answer's first rounds, which run slower than the
-    # rest (the pair's very first has to be: the policy needs a plain step): measure again.
+    # rest (the pair's very first has to be: the policy needs a plain step), or it landed far
+    # from what was expected of it: measure again.
     provisional: bool = False
     restart: bool = False  # the next plain step starts a new measurement
+    # The trusted plain step before the latest measurement and the medians of the rounds that
+    # went with it, until the new measurement is checked against them (None: nothing to check).
+    reference: tuple[float, dict[int, float]] | None = None
 
     def start_measurement(self, provisional: bool) -> None:
         """The next plain steps measure `plain` anew: a stale figure is not averaged in."""
+        trusted = self.plain is not None and bool(self.settled)
+        trusted = trusted and not (provisional or self.provisional)
+        self.reference = (self.plain, dict(self.settled)) if trusted else None
         self.restart, self.provisional = True, provisional
 
     def observe_plain(self, seconds: float) -> None:
@@ -83,6 +93,17 @@ class RowCosts:
             first.append(seconds)
             if len(first) == SETTLE:
                 self.settled[k] = median(first)
+                self._check_measurement(k)
+
+    def _check_measurement(self, k: int) -> None:
+        """Once rounds of a K seen after both measurements have settled: did the plain step move
+        as they did? If not, by more than DRIFT, it is measured again (once: the second stands)."""
+        if self.reference is None or k not in self.reference[1]:
+            return
+        plain_then, settled_then = self.reference
+        expected = plain_then * self.settled[k] / settled_then[k]
+        self.provisional = abs(self.plain / expected - 1) > DRIFT
+        self.reference = None
 
     def _drifts(self) -> list[float]:
         """Per K settled since the latest plain step: what its rounds cost now over then."""

@@ -202,8 +202,10 @@ def blas_description() -> str:
         return "n/a (Accelerate / Metal)" if _is_macos() else "n/a"
     if blas.openblas_loaded():
         threads = blas.openblas_threads()
-        on = f", {threads} thread{'s' * (threads != 1)} of {blas.usable_cores()} cores" if threads else ""
-        return f"OpenBLAS (preloaded by gemma-chat{on})"
+        if not threads:
+            return "OpenBLAS (preloaded by gemma-chat)"
+        on = f"{threads} thread{'s' * (threads != 1)} of {blas.usable_cores()} cores"
+        return f"OpenBLAS (preloaded by gemma-chat, {on})"
     if blas.openblas_library() is not None:
         return f"MLX's reference BLAS in this process; gemma-chat preloads {blas.openblas_library()}"
     return blas.HINT
