@@ -128,11 +128,11 @@ class RowCosts:
 
     def round_seconds(self, k: int) -> float:
         """Expected wall time of a round with K drafts (K = 0: a plain step). Needs `plain`."""
+        if k in self.rounds:  # the common case: no plain step to work out (the policy asks per K)
+            return self.rounds[k]
         plain = self.current_plain
         if k == 0:
             return plain
-        if k in self.rounds:
-            return self.rounds[k]
         known = sorted(self.rounds)
         if not known:
             return plain * (PRIOR_ROUND + PRIOR_PER_DRAFT * k)

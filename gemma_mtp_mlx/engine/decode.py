@@ -234,14 +234,14 @@ class Decoder:
         """Keep each stream's tokens up to its end, time and record its round, and let
         finished streams go."""
         end = clock() if end is None else end
-        costs = self.measurements.rows(len(rounds))
+        baseline = self.measurements.rows(len(rounds)).current_plain
         out = []
         for s, tokens, stats in rounds:
             kept = self._keep(s, tokens)
             stats.emitted, stats.seconds, s.last_out = len(kept), end - s.last_out, end
             s.rounds_to_baseline -= 1
             s.stats.add_round(stats)
-            s.stats.earlier_baseline_seconds = costs.current_plain
+            s.stats.earlier_baseline_seconds = baseline
             out.append(Emitted(s, kept, stats, s.finish_reason))
         self.last_end = end
         return out
