@@ -16,18 +16,17 @@ token: memory-bound on a Mac, a fraction of a plain step) that is optimistic on 
 policy then tries the longer round and learns what it costs. All are exponentially decayed
 averages, so they follow the context as it grows.
 
-The plain step is only measured now and then (while drafting, plain steps are extra work), so it
-carries the round costs seen just after it: the same machine doing the same work at the same
-cost per round does plain steps at the same cost too. Per K, the median of the first SETTLE
-rounds after the plain step (a median: one of them may carry a stall) is what it goes with.
-Between measurements the plain step moves with the rounds (`current_plain`: the measured step
-times the rounds' cost now over then), so that the meter and the policy follow a machine that
-speeds up or slows down by a few percent; once the rounds since then (a decayed average of
-those alone) cost DRIFT more or less (the machine got busier or cooler, the context grew),
-the plain step is stale and the decoder measures it again. A measurement is a few steps, and a
-stall among them would otherwise stand for as long as the rounds hold still: once the rounds
-after it settle, it is held to the one before, moved as the rounds' medians moved between the
-two, and taken once more at the next check if it lands DRIFT away.
+The plain step is only measured now and then (while drafting, plain steps are extra work): a
+few steps, a burst of a few dozen milliseconds, which on a busy machine lands in a slow or a
+fast moment more often than the rounds around it do. What carries over is therefore a ratio,
+not a time: per K, a plain step over the median of the first SETTLE rounds of K after it (the
+same machine, a moment apart), pooled over the latest POOL measurements by their median; a
+ratio far from the pool's is taken once more before it counts, so that one unlucky burst moves
+nothing. The plain step now (`current_plain`) is that ratio times what rounds of K cost now,
+and a round of K is worth 1 / ratio plain steps: the meter counts an answer's rounds that way
+(engine/stats.py), so its baseline follows the machine through the answer. Once the rounds since the latest plain step (a decayed average of those alone) cost
+DRIFT more or less than just after it (the machine got busier or cooler, the context grew), the
+decoder measures again, adding to the pool.
 
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
@@ -35,6 +34,7 @@ verify pass queued behind them.
 """
 
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
 
@@ -49,6 +49,12 @@ PRIOR_ROUND, PRIOR_PER_DRAFT = 1.2, 0.25
 # plain step is taken to be out of date (the meter is held to within 10 % of plain decoding).
 DRIFT = 0.1
 SETTLE = 8  # rounds of a K after a plain step that set what it is held to
+MEAN_STEPS = 5  # a measurement's steps averaged alike (then weighted as DECAY weighs the past)
+POOL = 3  # plain/round ratios kept per K (their median), few enough to follow the context
+# A measurement whose ratio lands this far from the pool's is doubted: measured again at the
+# next check, and pooled only if that one agrees with it (then both are). On a busy machine a
+# burst of plain steps can run at half speed while the rounds around it do not.
+DOUBT = 2 * DRIFT
 
 
 def _average(old: float | None, new: float) -> float:
@@ -57,31 +63,34 @@ def _average(old: float | None, new: float) -> float:
 
 @dataclass
 class RowCosts:
-    plain: float | None = None
+    plain: float | None = None  # the latest measurement: the mean of its steps
+    plain_count: int = 0  # steps in it so far
     rounds: dict[int, float] = field(default_factory=dict)
     # Since the latest plain step, per K: its first SETTLE round times, their median once all
     # are in, and a decayed average.
     first_since_plain: dict[int, list[float]] = field(default_factory=dict)
     settled: dict[int, float] = field(default_factory=dict)
     since_plain: dict[int, float] = field(default_factory=dict)
+    # Per K, the latest POOL measurements' plain step over the settled rounds after it, and a
+    # ratio doubted until measured again.
+    ratios: dict[int, deque] = field(default_factory=dict)
+    doubted: dict[int, float] = field(default_factory=dict)
     # The latest measurement was taken in an answer's first rounds, which run slower than the
-    # rest (the pair's very first has to be: the policy needs a plain step), or it landed far
-    # from what was expected of it: measure again.
+    # rest (the pair's very first has to be: the policy needs a plain step), or was doubted: it
+    # stands in until measured again, and goes into no ratio.
     provisional: bool = False
     restart: bool = False  # the next plain step starts a new measurement
-    # The trusted plain step before the latest measurement and the medians of the rounds that
-    # went with it, until the new measurement is checked against them (None: nothing to check).
-    reference: tuple[float, dict[int, float]] | None = None
 
     def start_measurement(self, provisional: bool) -> None:
         """The next plain steps measure `plain` anew: a stale figure is not averaged in."""
-        trusted = self.plain is not None and bool(self.settled)
-        trusted = trusted and not (provisional or self.provisional)
-        self.reference = (self.plain, dict(self.settled)) if trusted else None
         self.restart, self.provisional = True, provisional
 
     def observe_plain(self, seconds: float) -> None:
-        self.plain = seconds if self.restart else _average(self.plain, seconds)
+        # The mean of a measurement's steps (its first does not outweigh the rest); past
+        # MEAN_STEPS, as in a long parked stretch, a decayed average that follows the context.
+        self.plain_count = 1 if self.restart or self.plain is None else self.plain_count + 1
+        weight = 1 / min(self.plain_count, MEAN_STEPS)
+        self.plain = seconds if self.plain_count == 1 else self.plain + (seconds - self.plain) * weight
         self.restart = False
         self.first_since_plain, self.settled, self.since_plain = {}, {}, {}
 
@@ -93,21 +102,24 @@ class RowCosts:
             first.append(seconds)
             if len(first) == SETTLE:
                 self.settled[k] = median(first)
-                self._check_measurement(k)
+                if not self.provisional:
+                    self._pool_ratio(k, self.plain / self.settled[k])
 
-    def _check_measurement(self, k: int) -> None:
-        """Once rounds of a K seen after both measurements have settled: did the plain step move
-        as they did? If not, by more than DRIFT, it is measured again (once: the second stands)."""
-        if self.reference is None or k not in self.reference[1]:
+    def _pool_ratio(self, k: int, ratio: float) -> None:
+        pool = self.ratios.setdefault(k, deque(maxlen=POOL))
+        doubted = self.doubted.pop(k, None)
+        if doubted is not None and abs(ratio / doubted - 1) <= DOUBT:
+            pool.append(doubted)  # measured twice: the ratio moved
+        elif pool and abs(ratio / median(pool) - 1) > DOUBT:
+            self.doubted[k] = ratio
+            self.provisional = True  # stale: measured again at the next check
             return
-        plain_then, settled_then = self.reference
-        expected = plain_then * self.settled[k] / settled_then[k]
-        self.provisional = abs(self.plain / expected - 1) > DRIFT
-        self.reference = None
+        pool.append(ratio)
 
-    def _drifts(self) -> list[float]:
-        """Per K settled since the latest plain step: what its rounds cost now over then."""
-        return [self.since_plain[k] / then for k, then in self.settled.items()]
+    def plain_ratio(self, k: int) -> float | None:
+        """A plain step over a round of K drafts (None: not measured yet)."""
+        pool = self.ratios.get(k)
+        return median(pool) if pool else None
 
     @property
     def stale(self) -> bool:
@@ -115,16 +127,18 @@ class RowCosts:
         did just after it."""
         if self.plain is None or self.provisional:
             return True
-        return any(abs(d - 1) > DRIFT for d in self._drifts())
+        return any(abs(self.since_plain[k] / then - 1) > DRIFT for k, then in self.settled.items())
 
     @property
     def current_plain(self) -> float | None:
-        """The measured plain step, moved as the rounds' costs have moved since (None: not
-        measured yet). What the meter shows and the policy weighs drafting against."""
+        """The plain step now: what the rounds cost now times their pooled ratios (the median
+        over Ks), else the latest measurement as it stands (None: nothing measured yet). What
+        the policy weighs drafting against, and the meter's figure for an answer whose own
+        rounds cannot say it."""
         if self.plain is None:
             return None
-        drifts = self._drifts()
-        return self.plain * median(drifts) if drifts else self.plain
+        now = [self.plain_ratio(k) * self.rounds[k] for k in self.ratios]
+        return median(now) if now else self.plain
 
     def round_seconds(self, k: int) -> float:
         """Expected wall time of a round with K drafts (K = 0: a plain step). Needs `plain`."""

@@ -16,10 +16,12 @@ after it was measured (`RowCosts.stale`). If not, the next rounds are plain step
 (BASELINE_STEPS after the one that fills the pipeline), which costs only those rounds' missed
 drafting, and only when the machine or the context has changed. A pair that has no plain step
 measured yet measures at once (the policy needs it), and again at the next check: steps right
-after a prefill are slow. Parked rounds are samples too. An answer that measured none of its own
-shows the pair's latest (moved as round costs have moved since, `RowCosts.current_plain`), and
-says so. Counting rounds rather than tokens keeps the rows of a batch on the schedule each would
-have alone (they start together and share every round).
+after a prefill are slow. Parked rounds are samples too. Each round carries the plain steps its
+time is worth (a steady plain step one, a round of K the inverse of K's measured plain/round
+ratio), from which each answer's meter takes its baseline; an answer with none of those shows
+the pair's plain step now (`RowCosts.current_plain`), and says so. Counting rounds rather than
+tokens keeps the rows of a batch on the schedule each would have alone (they start together and
+share every round).
 """
 
 import time
@@ -183,8 +185,10 @@ class Decoder:
             costs.observe_round(k, end - self.last_end)
         for r in results:
             self.measurements.policy.observe(k, r.accepted)
+        ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
+        worth = 1 / ratio if ratio else 0.0
         rounds = [
-            (s, r.tokens, RoundStats(k, r.accepted))
+            (s, r.tokens, RoundStats(k, r.accepted, plain_steps=worth))
             for s, r in zip(streams, results)
         ]
         return out + self._emit(rounds, end)
@@ -224,7 +228,7 @@ class Decoder:
         end = clock()
         if steady:
             costs.observe_plain(end - self.last_end)
-        step = RoundStats(0, plain_steady=steady, measuring=self.measuring)
+        step = RoundStats(0, plain_steps=float(steady), measuring=self.measuring)
         out = self._emit([(s, [t], replace(step)) for s, t in zip(self.streams, ids)], end)
         if self.plain is not None and not self.plain.rows:
             self.plain = None

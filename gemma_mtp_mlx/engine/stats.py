@@ -3,10 +3,12 @@ and the measured plain-decoding baseline the speedup is taken against.
 
 Every figure is measured on this run. A round's `seconds` is the wall time from the moment the
 answer's previous tokens were out to the moment its own were, so the decode time is exactly
-what the reader waited. The baseline is plain decoding's speed measured the same way:
-steady-state steps of the pipelined plain loop of the same model, on the same machine, at this
-context, within this answer (the engine runs a few now and then, and parked rounds are such
-steps). An answer too short to hold any takes the latest such measurement from earlier answers.
+what the reader waited. The baseline is plain decoding's speed over the same time: steady
+steps of the pipelined plain loop of the same model on the same machine (the engine runs a few
+now and then, and parked rounds are such steps) count one each, and a round of K drafts counts
+the plain steps its time is worth by the plain/round cost ratio measured for K (engine/costs.py),
+so the baseline follows the machine through the answer, as --no-mtp beside it would have. An
+answer with no such round takes the pair's latest figure from earlier answers.
 """
 
 from dataclasses import dataclass, field
@@ -18,7 +20,10 @@ class RoundStats:
     accepted: int = 0
     emitted: int = 0
     seconds: float = 0.0  # wall time since the answer's previous tokens were out
-    plain_steady: bool = False  # a steady-state pipelined plain step: a baseline sample
+    # Steady plain steps this round's time is worth (engine/costs.py): 1 for a step of the
+    # pipelined plain loop in steady state, 1 / the measured plain/round ratio for a round of K
+    # drafts, 0 where that is not known (the step that fills the pipeline, a K not measured).
+    plain_steps: float = 0.0
     measuring: bool = False  # plain only to measure the baseline (not the policy parking)
 
 
@@ -35,7 +40,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_position: list[int] = field(default_factory=list)
-    baseline_steps: int = 0
+    baseline_steps: float = 0.0  # plain steps the rounds below are worth
     baseline_seconds: float = 0.0
     earlier_baseline_seconds: float | None = None  # a plain step measured before this answer
     peak_memory_bytes: int = 0
@@ -53,8 +58,8 @@ class GenerationStats:
         for i in range(r.drafted):
             self.drafted_by_position[i] += 1
             self.accepted_by_position[i] += int(i < r.accepted)
-        if r.plain_steady:
-            self.baseline_steps += 1
+        if r.plain_steps:
+            self.baseline_steps += r.plain_steps
             self.baseline_seconds += r.seconds
 
     @property
@@ -73,7 +78,8 @@ class GenerationStats:
 
     @property
     def baseline_tokens_per_second(self) -> float | None:
-        """Plain decoding's speed: this answer's steady plain steps, else the latest earlier."""
+        """Plain decoding's speed over this answer: the plain steps its rounds were worth per
+        second of them, else the latest earlier measurement."""
         if self.baseline_steps:
             return self.baseline_steps / self.baseline_seconds
         if self.earlier_baseline_seconds:
@@ -82,7 +88,7 @@ class GenerationStats:
 
     @property
     def baseline_is_earlier(self) -> bool:
-        """The baseline was measured before this answer (it ran no steady plain steps)."""
+        """The baseline was measured before this answer (none of its rounds says it)."""
         return not self.baseline_steps and bool(self.earlier_baseline_seconds)
 
     @property
