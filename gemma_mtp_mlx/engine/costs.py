@@ -24,9 +24,12 @@ same machine, a moment apart), pooled over the latest POOL measurements by their
 ratio far from the pool's is taken once more before it counts, so that one unlucky burst moves
 nothing. The plain step now (`current_plain`) is that ratio times what rounds of K cost now,
 and a round of K is worth 1 / ratio plain steps: the meter counts an answer's rounds that way
-(engine/stats.py), so its baseline follows the machine through the answer. Once the rounds since the latest plain step (a decayed average of those alone) cost
-DRIFT more or less than just after it (the machine got busier or cooler, the context grew), the
-decoder measures again, adding to the pool.
+(engine/stats.py), so its baseline follows the machine through the answer. Once the rounds
+since the latest plain step (a decayed average of those alone) cost DRIFT more or less than just
+after it (the machine got busier or cooler, the context grew), the decoder measures again,
+adding to the pool. Only warm rounds are held against the plain step: an answer's first rounds
+after its prefill run slower, and taken for the rounds after a measurement they made it look
+cheap (at Gemma 4's shapes, baselines 12-14 % high).
 
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
@@ -51,10 +54,6 @@ DRIFT = 0.1
 SETTLE = 8  # rounds of a K after a plain step that set what it is held to
 MEAN_STEPS = 5  # a measurement's steps averaged alike (then weighted as DECAY weighs the past)
 POOL = 3  # plain/round ratios kept per K (their median), few enough to follow the context
-# A measurement whose ratio lands this far from the pool's is doubted: measured again at the
-# next check, and pooled only if that one agrees with it (then both are). On a busy machine a
-# burst of plain steps can run at half speed while the rounds around it do not.
-DOUBT = 2 * DRIFT
 
 
 def _average(old: float | None, new: float) -> float:
@@ -94,8 +93,13 @@ class RowCosts:
         self.restart = False
         self.first_since_plain, self.settled, self.since_plain = {}, {}, {}
 
-    def observe_round(self, k: int, seconds: float) -> None:
+    def observe_round(self, k: int, seconds: float, warm: bool = True) -> None:
+        """`warm`: no row is in its first rounds after a prefill, which run slower than the rest;
+        only warm rounds are held against the plain step (a cold one would pass for a slower
+        machine, or make a plain step measured before it look cheap)."""
         self.rounds[k] = _average(self.rounds.get(k), seconds)
+        if not warm:
+            return
         self.since_plain[k] = _average(self.since_plain.get(k), seconds)
         first = self.first_since_plain.setdefault(k, [])
         if len(first) < SETTLE:
@@ -106,11 +110,14 @@ class RowCosts:
                     self._pool_ratio(k, self.plain / self.settled[k])
 
     def _pool_ratio(self, k: int, ratio: float) -> None:
+        """A ratio 2 x DRIFT from the pool's is doubted: measured again at the next check, and
+        pooled only if that one agrees with it (then both are). On a busy machine a burst of
+        plain steps can run at half speed while the rounds around it do not."""
         pool = self.ratios.setdefault(k, deque(maxlen=POOL))
         doubted = self.doubted.pop(k, None)
-        if doubted is not None and abs(ratio / doubted - 1) <= DOUBT:
+        if doubted is not None and abs(ratio / doubted - 1) <= 2 * DRIFT:
             pool.append(doubted)  # measured twice: the ratio moved
-        elif pool and abs(ratio / median(pool) - 1) > DOUBT:
+        elif pool and abs(ratio / median(pool) - 1) > 2 * DRIFT:
             self.doubted[k] = ratio
             self.provisional = True  # stale: measured again at the next check
             return

@@ -182,7 +182,8 @@ class Decoder:
         results = run_round([s.row for s in streams], self.drafter, k)
         end = clock()
         if not handed_over:  # after a hand-over the round's time lacks the reader's work
-            costs.observe_round(k, end - self.last_end)
+            warm = all(s.stats.rounds >= BASELINE_AFTER for s in streams)
+            costs.observe_round(k, end - self.last_end, warm)
         for r in results:
             self.measurements.policy.observe(k, r.accepted)
         ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
