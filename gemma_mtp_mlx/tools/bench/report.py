@@ -2,8 +2,9 @@
 
 Every figure is a measurement of this run or arithmetic on such measurements; nothing is
 estimated. Both benches report, per variant of ours, the plain-decode baseline our engine
-measured for its meter (`baseline_tps`, from its K = 0 probe rounds) beside ours plain measured
-in the same run (`baseline_error` = reported / measured), and the speedup the meter showed
+measured for its meter (`baseline_tps`: its plain steps, and its rounds counted as the plain
+steps they are worth by the measured plain/round ratio) beside ours plain measured in the same
+run (`baseline_error` = reported / measured), and the speedup the meter showed
 (`meter_speedup`) beside the real one (variant tok/s / ours-plain tok/s).
 """
 
