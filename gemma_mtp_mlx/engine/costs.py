@@ -63,7 +63,7 @@ def _average(old: float | None, new: float) -> float:
 @dataclass
 class RowCosts:
     plain: float | None = None  # the latest measurement: the mean of its steps
-    plain_count: int = 0  # steps in it so far
+    plain_count: int = 0  # steps in it so far (0: the next plain step starts a new measurement)
     rounds: dict[int, float] = field(default_factory=dict)
     # Since the latest plain step, per K: its first SETTLE round times, their median once all
     # are in, and a decayed average.
@@ -78,19 +78,17 @@ class RowCosts:
     # rest (the pair's very first has to be: the policy needs a plain step), or was doubted: it
     # stands in until measured again, and goes into no ratio.
     provisional: bool = False
-    restart: bool = False  # the next plain step starts a new measurement
 
     def start_measurement(self, provisional: bool) -> None:
         """The next plain steps measure `plain` anew: a stale figure is not averaged in."""
-        self.restart, self.provisional = True, provisional
+        self.plain_count, self.provisional = 0, provisional
 
     def observe_plain(self, seconds: float) -> None:
         # The mean of a measurement's steps (its first does not outweigh the rest); past
         # MEAN_STEPS, as in a long parked stretch, a decayed average that follows the context.
-        self.plain_count = 1 if self.restart or self.plain is None else self.plain_count + 1
+        self.plain_count += 1
         weight = 1 / min(self.plain_count, MEAN_STEPS)
         self.plain = seconds if self.plain_count == 1 else self.plain + (seconds - self.plain) * weight
-        self.restart = False
         self.first_since_plain, self.settled, self.since_plain = {}, {}, {}
 
     def observe_round(self, k: int, seconds: float, warm: bool = True) -> None:

@@ -239,15 +239,19 @@ class Decoder:
         """Keep each stream's tokens up to its end, time and record its round, and let
         finished streams go."""
         end = clock() if end is None else end
-        baseline = self.measurements.rows(len(rounds)).current_plain
         out = []
         for s, tokens, stats in rounds:
             kept = self._keep(s, tokens)
             stats.emitted, stats.seconds, s.last_out = len(kept), end - s.last_out, end
             s.rounds_to_baseline -= 1
             s.stats.add_round(stats)
-            s.stats.earlier_baseline_seconds = baseline
             out.append(Emitted(s, kept, stats, s.finish_reason))
+        # Only an answer none of whose rounds says its baseline yet shows the pair's figure.
+        unsaid = [e.stream.stats for e in out if not e.stream.stats.baseline_steps]
+        if unsaid:
+            baseline = self.measurements.rows(len(rounds)).current_plain
+            for stats in unsaid:
+                stats.earlier_baseline_seconds = baseline
         self.last_end = end
         return out
 
