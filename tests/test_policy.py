@@ -242,6 +242,30 @@ def test_plain_decoding_times_what_its_reader_waits_and_measures_its_own_baselin
     assert stats.speedup == pytest.approx(1.0, abs=0.01)
 
 
+def test_rows_of_a_batch_are_not_timed_for_the_prefills_of_rows_joining_them(pairs, clock, monkeypatch):
+    """A batch's rows join one after another: while a newcomer prefills, the rows already in
+    do not decode. That time is the newcomer's prefill, not the others' decoding, so a plain
+    row shows no speedup over itself and its tok/s is its decoding's."""
+    from gemma_mtp_mlx.engine.batch import generate_batch
+    from gemma_mtp_mlx.engine.context import Context
+
+    prefill = Context.prefill
+
+    def slow_prefill(self, tokens):
+        out = prefill(self, tokens)
+        clock.now += 0.5  # a prefill of half a second; decoding steps take the clock's ticks
+        return out
+
+    monkeypatch.setattr(Context, "prefill", slow_prefill)
+    prompts = [PROMPT, [2, 9, 310], [2, 401, 7, 7]]
+    answers = [a for _, a in generate_batch(pairs[("e2b", False)], prompts, max_tokens=30, mtp=False, ignore_eos=True)]
+    assert len(answers) == 3
+    for a in answers:
+        assert a.stats.prefill_seconds >= 0.5
+        assert a.stats.decode_seconds < 0.1
+        assert a.stats.speedup == pytest.approx(1.0, abs=0.1)
+
+
 def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pairs, clock):
     """A pair with no plain step measured yet starts with a few (the one filling the pipeline
     is not a sample), then drafts; the round after the pipeline hands over its token is

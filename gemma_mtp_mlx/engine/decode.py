@@ -54,7 +54,7 @@ class Stream:
     max_tokens: int
     stop: frozenset[int]  # end-of-sequence ids (empty: run to max_tokens)
     stats: GenerationStats
-    last_out: float  # when its latest tokens were out
+    last_out: float  # when its latest tokens were out (moved on by newcomers' prefills)
     rounds_to_baseline: int  # rounds before its baseline is checked (again)
     emitted: int = 0
     finish_reason: str | None = None  # "stop" or "length" once finished
@@ -130,6 +130,8 @@ class Decoder:
         first = token.item()
         now = clock()
         stats.prefill_seconds = now - start
+        for s in self.streams:  # they waited on the newcomer's prefill: its time, not their decoding
+            s.last_out += stats.prefill_seconds
         stream = Stream(
             Row(ctx, sampler, token, hidden),
             max_tokens,

@@ -3,7 +3,8 @@ and the measured plain-decoding baseline the speedup is taken against.
 
 Every figure is measured on this run. A round's `seconds` is the wall time from the moment the
 answer's previous tokens were out to the moment its own were, so the decode time is exactly
-what the reader waited. The baseline is plain decoding's speed over the same time: steady
+what the reader waited, less the prefills of answers that joined a batch meanwhile (theirs: a
+row does not decode while another prefills). The baseline is plain decoding's speed over the same time: steady
 steps of the pipelined plain loop of the same model on the same machine (the engine runs a few
 now and then, and parked rounds are such steps) count one each, and a round of K drafts counts
 the plain steps its time is worth by the plain/round cost ratio measured for K (engine/costs.py),
@@ -19,7 +20,7 @@ class RoundStats:
     drafted: int
     accepted: int = 0
     emitted: int = 0
-    seconds: float = 0.0  # wall time since the answer's previous tokens were out
+    seconds: float = 0.0  # wall time since the answer's previous tokens were out (see above)
     # Steady plain steps this round's time is worth (engine/costs.py): 1 for a step of the
     # pipelined plain loop in steady state, 1 / the measured plain/round ratio for a round of K
     # drafts, 0 where that is not known (the step that fills the pipeline, a K not measured).
