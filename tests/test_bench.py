@@ -11,6 +11,7 @@ import sys
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
+from rich.console import Console
 from typer.testing import CliRunner
 
 from gemma_mtp_mlx.cli import app
@@ -21,6 +22,7 @@ from gemma_mtp_mlx.tools import bench
 from gemma_mtp_mlx.tools.bench import costs, peers, shapes
 from gemma_mtp_mlx.tools.bench.measure import run_ours
 from gemma_mtp_mlx.tools.bench.pair_bench import run_bench
+from gemma_mtp_mlx.tools.bench.render import render_pair
 from gemma_mtp_mlx.tools.bench.shape_bench import run_shape_bench
 from gemma_mtp_mlx.tools.bench.simulated import Proposals, SimulatedDrafter
 
@@ -227,7 +229,7 @@ def test_quick_pair_bench_reports_every_field_with_identical_outputs(echo_pairs)
     assert result["workloads"]["long"]["prompt_tokens"] > pair.target.args.sliding_window
     for w in result["workloads"].values():
         assert w["plain"]["generated_tokens"] == w["mtp"]["generated_tokens"] == 16
-        assert w["mlx_lm"]["identical_to_plain"]
+        assert w["mlx_lm"]["identical_to_plain"] and w["plain_again"]["identical_to_plain"]
         for run in w.values():
             if isinstance(run, dict) and "tokens_per_second" in run:
                 assert run["best_tokens_per_second"] >= run["tokens_per_second"]  # fastest vs median
@@ -256,6 +258,14 @@ def test_quick_pair_bench_reports_every_field_with_identical_outputs(echo_pairs)
         assert prose["mlx_vlm"]["identical_to_plain"] and result["mlx_vlm_mtp_tokens_per_second"] > 0
     assert result["weights_bytes"]["drafter"] > 0
     assert isinstance(result["machine"]["openblas_preload"], bool)
+    # The same work twice: ours plain again, paired with ours plain, on every workload.
+    same = result["identical_work"]
+    by_workload = {n: w["plain_again"]["vs_plain_paired"] for n, w in result["workloads"].items()}
+    assert same["by_workload"] == by_workload
+    assert 0 < same["min"] == min(by_workload.values()) <= same["max"] == max(by_workload.values())
+    shown = io.StringIO()
+    render_pair(result, Console(file=shown, width=200))
+    assert f"the same work twice (ours plain, again each repeat, paired): {same['min']:.2f}-" in shown.getvalue()
 
 
 def test_cost_curve_has_nine_ratios_relative_to_one_token(echo_pairs):
