@@ -265,7 +265,8 @@ def test_quick_pair_bench_reports_every_field_with_identical_outputs(echo_pairs)
     assert 0 < same["min"] == min(by_workload.values()) <= same["max"] == max(by_workload.values())
     shown = io.StringIO()
     render_pair(result, Console(file=shown, width=200))
-    assert f"the same work twice (ours plain, again each repeat, paired): {same['min']:.2f}-" in shown.getvalue()
+    line = f"the same work twice (ours plain, again each repeat, paired): {same['min']:.2f}-"
+    assert line in shown.getvalue()
 
 
 def test_cost_curve_has_nine_ratios_relative_to_one_token(echo_pairs):

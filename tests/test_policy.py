@@ -258,7 +258,8 @@ def test_rows_of_a_batch_are_not_timed_for_the_prefills_of_rows_joining_them(pai
 
     monkeypatch.setattr(Context, "prefill", slow_prefill)
     prompts = [PROMPT, [2, 9, 310], [2, 401, 7, 7]]
-    answers = [a for _, a in generate_batch(pairs[("e2b", False)], prompts, max_tokens=30, mtp=False, ignore_eos=True)]
+    batch = generate_batch(pairs[("e2b", False)], prompts, max_tokens=30, mtp=False, ignore_eos=True)
+    answers = [a for _, a in batch]
     assert len(answers) == 3
     for a in answers:
         assert a.stats.prefill_seconds >= 0.5

@@ -4,12 +4,12 @@ and the measured plain-decoding baseline the speedup is taken against.
 Every figure is measured on this run. A round's `seconds` is the wall time from the moment the
 answer's previous tokens were out to the moment its own were, so the decode time is exactly
 what the reader waited, less the prefills of answers that joined a batch meanwhile (theirs: a
-row does not decode while another prefills). The baseline is plain decoding's speed over the same time: steady
-steps of the pipelined plain loop of the same model on the same machine (the engine runs a few
-now and then, and parked rounds are such steps) count one each, and a round of K drafts counts
-the plain steps its time is worth by the plain/round cost ratio measured for K (engine/costs.py),
-so the baseline follows the machine through the answer, as --no-mtp beside it would have. An
-answer with no such round takes the pair's latest figure from earlier answers.
+row does not decode while another prefills). The baseline is plain decoding's speed over the
+same time: steady steps of the pipelined plain loop of the same model on the same machine (the
+engine runs a few now and then, and parked rounds are such steps) count one each, and a round
+of K drafts counts the plain steps its time is worth by the plain/round cost ratio measured for
+K (engine/costs.py), so the baseline follows the machine through the answer, as --no-mtp beside
+it would have. An answer with no such round takes the pair's latest figure from earlier answers.
 """
 
 from dataclasses import dataclass, field
