@@ -169,7 +169,8 @@ def _report(pair, results, cost, notes, *, max_tokens, repeats, quick) -> dict:
         "mlx_vlm_mtp_tokens_per_second": vlm,
         "mtp_vs_mlx_vlm": round(mtp / vlm, 3) if mtp and vlm else None,
         "meter": _meter(results),
-        "identical_work": _identical_work(results),
+        # Ours plain against itself in the same repeats, per workload: this run's noise.
+        "identical_work": {name: w["plain_again"]["vs_plain_paired"] for name, w in results.items()},
         "never_hit": None if never is None else {
             "tokens_per_second": never["tokens_per_second"],
             "vs_plain": never["vs_plain"],
@@ -209,18 +210,6 @@ def _policy_vs_best_k(results: dict) -> float | None:
         if fixed and "mtp" in w:
             ratios.append(w["mtp"]["tokens_per_second"] / max(fixed))
     return round(min(ratios), 3) if ratios else None
-
-
-def _identical_work(results: dict) -> dict | None:
-    """Ours plain run a second time each repeat, paired with the first, per workload: 1.0 on a
-    quiet machine. A paired figure (a goal's included) nearer 1.0, or its line, than this run's
-    spread here is within the noise of the machine it ran on."""
-    by_workload = {
-        name: w["plain_again"]["vs_plain_paired"] for name, w in results.items() if "plain_again" in w
-    }
-    if not by_workload:
-        return None
-    return {"by_workload": by_workload, "min": min(by_workload.values()), "max": max(by_workload.values())}
 
 
 def _meter_within(results: dict) -> float | None:

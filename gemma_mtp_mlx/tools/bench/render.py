@@ -180,12 +180,11 @@ def render_pair(result: dict, console) -> None:
             f"{never['vs_plain']:.2f}x plain by medians, {never['vs_plain_paired']:.2f}x paired by "
             f"repeat; {never['mean_draft_tokens']:.2f} drafts per round"
         )
-    same = result["identical_work"]
-    if same:
-        console.print(
-            f"the same work twice (ours plain, again each repeat, paired): {same['min']:.2f}-"
-            f"{same['max']:.2f}x; paired figures this close to 1.0, or to a goal, are this run's noise"
-        )
+    same = result["identical_work"].values()
+    console.print(
+        f"the same work twice (ours plain, again each repeat, paired): {min(same):.2f}-"
+        f"{max(same):.2f}x; paired figures this close to 1.0, or to a goal, are this run's noise"
+    )
     _goals(console, result["goals"])
     for note in result["notes"]:
         console.print(f"note: {escape(note)}", style="yellow")
