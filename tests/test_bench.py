@@ -372,3 +372,15 @@ def test_the_meter_is_held_against_the_plain_run_of_its_own_repeat():
     wrong = Variant("mtp", None, [run(300.0, baseline=150.0), run(150.0, baseline=75.0)])
     assert paired_meter(wrong, plain)["baseline_error_paired"] == 0.75
     assert paired_meter(Variant("mlx_lm", None, [run(200.0)]), plain) == {}
+
+
+def test_meter_share_counts_baselines_exactly_ten_percent_off_as_within():
+    """The errors are rounded to three places, so 1.1 and 0.9 occur; both are within 10 %.
+    (Counted as abs(e - 1) <= 0.1, 1.1 fell outside: float 1.1 - 1 is 0.10000000000000009.)"""
+    from gemma_mtp_mlx.tools.bench.pair_bench import _meter_within
+
+    results = {
+        "prose": {"plain": {"baseline_error_paired": 1.1}, "mtp": {"baseline_error_paired": 0.9}},
+        "code": {"k1": {"baseline_error_paired": 1.101}, "mlx_lm": {"tokens_per_second": 9.0}},
+    }
+    assert _meter_within(results) == round(2 / 3, 3)
