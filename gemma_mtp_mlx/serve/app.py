@@ -2,10 +2,14 @@
 `/v1/completions`, `/v1/models`, and `/health`, as a Starlette app over one `Scheduler`.
 
 Every refusal has the OpenAI error shape and the right status: bad JSON or fields 400, an
-unknown model 404, a prompt over the context 400 `context_length_exceeded`, a parameter we
-cannot honour 400 `unsupported_parameter`, a body too large 413, every slot and place in line
-taken 429; an engine failure is a 500 `server_error` whose traceback goes to the server's log,
-never to the client.
+unknown model 404, a prompt over the context 400 `context_length_exceeded` (a long text is
+counted only as far as the context, never tokenized whole), a parameter we cannot honour 400
+`unsupported_parameter`, a body too large 413, a client too slow to send it 408, every slot and
+place in line taken 429, a server shutting down 503; an engine failure is a 500 `server_error`
+told in one line of the server's log (with its traceback under --debug), never to the client.
+A streamed answer that cannot end normally (the engine failed on it, or the shutdown's grace
+ran out) ends with a chunk whose `finish_reason` is "abort" (vLLM's name), an error event, and
+`[DONE]`.
 
 Each answer's `usage` carries our speculative statistics in an extra `speculative` object
 (OpenAI clients ignore unknown fields); a thinking answer's thought arrives as
@@ -28,10 +32,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..chat.budget import count_tokens
 from .answer_text import AnswerText
+from .failures import Failures
 from .limits import BodyLimit
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
-from .scheduler import Busy, Job, Sampling, Scheduler
+from .scheduler import Busy, Job, Sampling, Scheduler, ShuttingDown
 
 # What `usage.speculative` carries of an answer's GenerationStats.
 SPECULATIVE_FIELDS = (
@@ -55,6 +61,9 @@ class ServeOptions:
     max_tokens: int = 512  # for requests that name no limit
     mtp: bool = True
     draft_tokens: int | None = None
+    shutdown_grace: float = 5.0  # seconds answers under way get to finish on SIGTERM or Ctrl-C
+    read_timeout: float = 30.0  # seconds a client may take over its request head or a body part
+    debug: bool = False  # tracebacks in the log
 
 
 @dataclass
@@ -77,6 +86,7 @@ def create_app(pair, model_name: str, options: ServeOptions | None = None) -> St
         queue_limit=options.queue,
         mtp=options.mtp,
         draft_tokens=options.draft_tokens,
+        debug=options.debug,
     )
     api = Api(pair, model_name, scheduler, options)
 
@@ -86,21 +96,22 @@ def create_app(pair, model_name: str, options: ServeOptions | None = None) -> St
         yield
         scheduler.stop()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
             Route("/v1/completions", api.completions, methods=["POST"]),
             Route("/v1/models", api.models, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
         ],
-        middleware=[Middleware(BodyLimit, max_bytes=options.max_request_bytes)],
-        exception_handlers={
-            ApiError: _api_error,
-            HTTPException: _http_error,
-            Exception: _server_error,
-        },
+        middleware=[
+            Middleware(Failures, debug=options.debug),
+            Middleware(BodyLimit, max_bytes=options.max_request_bytes, timeout=options.read_timeout),
+        ],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
+    app.state.scheduler, app.state.options = scheduler, options  # for the server (serve/server.py)
+    return app
 
 
 async def _api_error(request: Request, error: ApiError) -> Response:
@@ -110,11 +121,6 @@ async def _api_error(request: Request, error: ApiError) -> Response:
 async def _http_error(request: Request, error: HTTPException) -> Response:
     # Starlette's own refusals (unknown path 404, wrong method 405) in the same shape.
     return await _api_error(request, ApiError(error.status_code, error.detail))
-
-
-async def _server_error(request: Request, error: Exception) -> Response:
-    # Starlette logs the traceback after this answer; the client sees no internals.
-    return await _api_error(request, ApiError(500, "internal server error", type="server_error"))
 
 
 class Api:
@@ -133,6 +139,8 @@ class Api:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
     async def health(self, request: Request) -> Response:
+        if self.scheduler.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         if not self.scheduler.alive:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         s = self.scheduler
@@ -143,10 +151,12 @@ class Api:
         self._check_model(req.model)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions")
+        messages = req.chat_messages()
+        self._check_length([m["content"] for m in messages], "messages")
         try:
             prompt = list(
                 self.tokenizer.apply_chat_template(
-                    req.chat_messages(),
+                    messages,
                     add_generation_prompt=True,
                     tokenize=True,
                     enable_thinking=req.thinking,
@@ -161,6 +171,7 @@ class Api:
         self._check_model(req.model)
         given = req.single_prompt()
         if isinstance(given, str):
+            self._check_length([given], "prompt")
             prompt = list(self.tokenizer.encode(given))  # with the tokenizer's BOS rule, as --raw
         else:
             vocab = self.pair.target.args.vocab_size
@@ -182,6 +193,8 @@ class Api:
         stops = req.stop_strings()
         try:
             job = self.scheduler.submit(prompt, sampling, max_tokens)
+        except ShuttingDown:
+            raise shutting_down() from None
         except Busy:
             raise ApiError(
                 429,
@@ -194,6 +207,24 @@ class Api:
         if req.stream:
             return EventStream(reply.events(job), lambda: self.scheduler.close(job))
         return await reply.whole(job, request)
+
+    def _check_length(self, texts: list[str], param: str) -> None:
+        """A 400 for texts that clearly exceed the context, counted only as far as the context:
+        tokenizing a megabyte at once costs many times its size in memory. Texts of fewer
+        characters than a quarter of the context cannot exceed it (a character is at most its
+        four UTF-8 bytes as tokens) and are left to the exact count."""
+        if 4 * sum(len(t) for t in texts) <= self.context_limit:
+            return
+        left = self.context_limit
+        for text in texts:
+            left -= count_tokens(self.tokenizer, text, left)
+            if left < 0:
+                raise ApiError(
+                    400,
+                    f"the context holds {self.context_limit} tokens; the prompt takes more",
+                    param=param,
+                    code="context_length_exceeded",
+                )
 
     def _max_tokens(self, req, prompt_tokens: int) -> int:
         room = self.context_limit - 1 - prompt_tokens
@@ -263,6 +294,8 @@ class Reply:
             event = await job.events.get()
             if event.error:
                 job.finished = True
+                if event.shutting_down:
+                    raise shutting_down()
                 raise ApiError(500, event.error, type="server_error")
             job.finished = event.finish_reason is not None
             thinking, text, kept = "", "", []
@@ -342,8 +375,18 @@ class Reply:
                 final["usage"] = self._usage(tokens, last)
                 yield _sse(final)
             yield "data: [DONE]\n\n"
-        except ApiError as e:  # headers are sent: the error travels as an event
+        except ApiError as e:  # headers are sent: a last chunk, the error as an event, [DONE]
+            thinking, text = self.text.finish()
+            if self.kind == "chat.completion":
+                delta = {"content": text} if text else {}
+                if thinking:
+                    delta["reasoning_content"] = thinking
+                choice = self._delta(delta, "abort")
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": "abort"}
+            yield _sse(self._envelope(chunk_kind, [choice]))
             yield _sse(e.body())
+            yield "data: [DONE]\n\n"
 
     # -- OpenAI objects ----------------------------------------------------------------------
     def _delta(self, delta: dict, finish_reason: str | None = None) -> dict:
@@ -373,12 +416,18 @@ class Reply:
         }
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error", code="server_shutting_down")
+
+
 async def _json(request: Request):
     body = await request.body()
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
 
 
 async def _disconnected(request: Request) -> None:

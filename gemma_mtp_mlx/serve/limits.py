@@ -1,19 +1,24 @@
-"""A bound on request bodies: larger ones get a 413 in the OpenAI error shape before any of them
-is parsed. Neither Starlette nor uvicorn bounds a body, and a chat request has no reason to be
-larger than a context's worth of text."""
+"""Bounds on request bodies: larger ones get a 413 in the OpenAI error shape before any of them
+is parsed, and a client that stops sending one halfway gets a 408 after `timeout` seconds of
+silence instead of holding its connection forever. Neither Starlette nor uvicorn bounds a body
+or the time it takes, and a chat request has no reason to be larger than a context's worth of
+text. (The request head is bounded by serve/connection.py.)"""
 
+import asyncio
 import json
 
 from .protocol import ApiError
 
 
 class BodyLimit:
-    """ASGI middleware: reads the body (stopping as soon as it is too large), then hands it to
-    the app as one message; later `receive` calls (the wait for a disconnect) pass through."""
+    """ASGI middleware: reads the body (stopping as soon as it is too large or its client goes
+    quiet), then hands it to the app as one message; later `receive` calls (the wait for a
+    disconnect) pass through."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -23,7 +28,11 @@ class BodyLimit:
             return await self._too_large(send)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                silent = f"no part of the request body came for {self.timeout:g} s"
+                return await self._refuse(send, ApiError(408, silent, code="request_timeout"))
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -49,11 +58,14 @@ class BodyLimit:
             f"the request body is larger than {self.max_bytes} bytes",
             code="request_too_large",
         )
+        await self._refuse(send, error)
+
+    async def _refuse(self, send, error: ApiError):
         body = json.dumps(error.body()).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": error.status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

@@ -1,8 +1,11 @@
 """The OpenAI request bodies we accept, and the OpenAI error shape for everything we refuse.
 
-Requests are validated with pydantic. Fields we do not know are ignored (clients send vendor
-fields freely); fields we know but cannot honour (n > 1, logprobs, tools, penalties...) are
-refused with a 400 that names them, so that nobody silently gets something else than asked.
+Requests are validated with pydantic, strictly as OpenAI's API does: a field of the wrong type
+(`"stream": "yes"`, `"max_tokens": "10"`) or a number that is not finite is refused, never
+coerced. Fields we do not know are ignored (clients send vendor fields freely); fields we know
+but cannot honour (n > 1, logprobs, tools, penalties...) are refused with a 400 that names them,
+so that nobody silently gets something else than asked. Text the tokenizer cannot take (a lone
+surrogate such as `"\ud800"`, which JSON can spell) is refused with a 400 naming its field.
 Extensions follow vLLM's names: `top_k`, `ignore_eos`, `return_token_ids` (token ids of
 the answer in each choice) and `chat_template_kwargs` (`enable_thinking` for Gemma 4).
 """
@@ -44,8 +47,12 @@ class ApiError(Exception):
         }
 
 
+# The seeds MLX's random keys take.
+SEED_RANGE = (0, 2**64 - 1)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     stream: bool = False
@@ -54,7 +61,7 @@ class _Request(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     stop: str | list[str] | None = None
     n: int | None = None
     logprobs: Any = None
@@ -91,7 +98,7 @@ class _Request(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     role: str
     content: str | list[dict] | None = None
@@ -190,11 +197,33 @@ def parse(model: type[_Request], data: Any) -> _Request:
     """A validated request, or a 400 naming the first field at fault."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    where = lone_surrogate(data)
+    if where is not None:
+        raise ApiError(400, f"{where}: not valid Unicode text (a lone surrogate)", param=where)
     try:
-        request = model.model_validate(data)
+        request = model.model_validate(data, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise ApiError(400, f"{where}: {first['msg']}", param=where or None) from None
     request.refuse_unsupported()
     return request
+
+
+def lone_surrogate(data: Any) -> str | None:
+    """The path (`messages.0.content`) of the first string value in `data` that UTF-8 cannot
+    encode, or None. JSON's escapes can spell half a surrogate pair, which no tokenizer takes."""
+    pending = [("", data)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict | list):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, inner in reversed(list(items)):
+                key = str(key).encode("utf-8", "replace").decode()  # shown: no surrogate in it
+                pending.append((f"{where}.{key}" if where else key, inner))
+    return None

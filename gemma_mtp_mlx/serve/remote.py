@@ -11,6 +11,13 @@ Speculative statistics come only from the server: our `serve` reports its own in
 `usage.speculative` (acceptance, tokens per target forward, speedup against its measured plain
 baseline); vLLM's spec-decode counters on `/metrics` give acceptance and tokens per forward
 (no baseline, so no speedup); anything else reports none, and the meter says so.
+
+Waiting: a server that cannot be reached is given CONNECT_TIMEOUT_S; one that accepts and then
+says nothing, `timeout` seconds (--timeout) before the first token and between tokens. Until
+the first token the meter says the chat is waiting for the server, and Ctrl-C ends the wait at
+once (there is no local cache to keep consistent: the server frees the answer's row when the
+connection goes). A server whose answers are not OpenAI's (an HTML page, a proxy's text) is
+said to be so in one line.
 """
 
 import time
@@ -25,7 +32,7 @@ from .vllm_metrics import SpecCounters, spec_counters
 
 OURS, VLLM, OTHER = "gemma-chat", "vllm", "other"  # what /v1/models' `owned_by` says
 CONNECT_TIMEOUT_S = 5.0
-ANSWER_TIMEOUT_S = 600.0
+FIRST_TOKEN_TIMEOUT_S = 60.0  # a long prompt's prefill on a busy server takes tens of seconds
 NOT_REPORTED = "speculative statistics not reported by the server"
 clock = time.perf_counter
 
@@ -127,8 +134,10 @@ class RemoteSession:
         model: str | None = None,
         api_key: str | None = None,
         system: str | None = None,
+        timeout: float = FIRST_TOKEN_TIMEOUT_S,
     ):
         self.url = url
+        self.timeout = timeout
         self.settings = settings
         self.system = system or None
         self.messages: list[dict] = []
@@ -139,7 +148,7 @@ class RemoteSession:
             base_url=api_base(url),
             api_key=api_key or "none",
             max_retries=0,
-            timeout=openai.Timeout(ANSWER_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            timeout=openai.Timeout(timeout, connect=CONNECT_TIMEOUT_S),
         )
         card = self._model_card(model)
         self.model_name = card.id
@@ -153,8 +162,12 @@ class RemoteSession:
             cards = list(self.client.models.list())
         except openai.OpenAIError as e:
             if wanted is None or not isinstance(e, openai.APIStatusError):
-                raise remote_error(e, self.url, "/v1/models") from None
+                raise remote_error(e, self, "/v1/models") from None
             cards = []  # it cannot list its models; trust the name given
+        except (AttributeError, TypeError, ValueError):  # the client could not read the body
+            raise not_openai(self.url, "/v1/models") from None
+        if not all(isinstance(getattr(c, "id", None), str) for c in cards):
+            raise not_openai(self.url, "/v1/models")
         if wanted is not None:
             return next((c for c in cards if c.id == wanted), None) or openai.types.Model(
                 id=wanted, object="model", created=0, owned_by="unknown"
@@ -252,6 +265,8 @@ class RemoteTurn:
     """One answer from the server. Iterate for `Update`s while it streams; `close()` stops it
     (the server frees the answer's row when the connection goes)."""
 
+    stops_at_once = True  # Ctrl-C need not wait for a consistent point (chat/repl.py)
+
     def __init__(self, session: RemoteSession, body: dict, user: dict | None):
         self.session = session
         self.body = body
@@ -298,12 +313,18 @@ class RemoteTurn:
                 stream_options={"include_usage": True},
                 **options,
             )
+            chunks = 0
             for chunk in self._stream:
+                chunks += 1
                 update = self._take(chunk)
                 if update is not None:
                     yield update
+            if not chunks:  # a body with no server-sent events in it
+                raise not_openai(session.url, self._path)
         except openai.OpenAIError as e:
-            raise remote_error(e, session.url, "the answer") from None
+            raise remote_error(e, session, "the answer") from None
+        except (AttributeError, TypeError, ValueError):  # events that are not OpenAI chunks
+            raise not_openai(session.url, self._path) from None
         except (GeneratorExit, KeyboardInterrupt):  # closed, or Ctrl-C: the partial answer stays
             self.finish_reason = self.finish_reason or "interrupted"
             raise
@@ -311,6 +332,10 @@ class RemoteTurn:
             if self._stream is not None:
                 self._stream.close()
             self._settle(before)
+
+    @property
+    def _path(self) -> str:
+        return "/v1/chat/completions" if "messages" in self.body else "/v1/completions"
 
     def _take(self, chunk) -> Update | None:
         if chunk.usage is not None:
@@ -390,6 +415,8 @@ class RemoteTurn:
 
     def meter(self) -> Text:
         """The REPL's meter line for this answer."""
+        if not self._settled and self.stats.first_at is None:
+            return Text("waiting for the server… (Ctrl-C stops)", style="dim")
         tps = self.stats.tokens_per_second
         parts = [f"{tps:.1f} tok/s measured here" if tps else "– tok/s"]
         if self._settled or self.stats.server is not None:
@@ -438,13 +465,23 @@ class RemoteTurn:
         return rows
 
 
-def remote_error(e: openai.OpenAIError, url: str, what: str) -> GemmaChatError:
+def remote_error(e: openai.OpenAIError, session: RemoteSession, what: str) -> GemmaChatError:
     """One line for a failed request."""
+    url = session.url
     if isinstance(e, openai.APIStatusError):
         body = e.body if isinstance(e.body, dict) else {}
         message = body.get("message") or e.message
         return GemmaChatError(f"{url} refused {what} ({e.status_code}): {message}")
+    if isinstance(e, openai.APITimeoutError):
+        # The client's transport names its timeouts by phase (httpx's ConnectTimeout, ReadTimeout).
+        if "Connect" in type(e.__cause__).__name__:
+            return GemmaChatError(f"cannot reach {url}: no connection within {CONNECT_TIMEOUT_S:g} s")
+        return GemmaChatError(f"{url} sent nothing for {session.timeout:g} s (--timeout)")
     if isinstance(e, openai.APIConnectionError):
         cause = e.__cause__ or e
         return GemmaChatError(f"cannot reach {url}: {cause}")
     return GemmaChatError(f"{url}: {e}")
+
+
+def not_openai(url: str, path: str) -> GemmaChatError:
+    return GemmaChatError(f"the server's answer to {path} is not an OpenAI-compatible response ({url})")
