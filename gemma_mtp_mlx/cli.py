@@ -67,7 +67,7 @@ def main_command(
     temp: Annotated[float, typer.Option("--temp", min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, max=2**64 - 1)] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     think: Annotated[bool | None, typer.Option("--think/--no-think", help="Gemma 4's thinking channel (shown dimmed, kept out of the answer).")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Continue a conversation saved with /save (with its KV cache when it fits this model).")] = None,
@@ -76,6 +76,7 @@ def main_command(
     quantize: Annotated[int | None, typer.Option("--quantize", help="Quantise the target at load: 4 or 8.")] = None,
     endpoint: Annotated[str | None, typer.Option("--endpoint", help="Chat with the model of this OpenAI-compatible server (gemma-chat serve, mlx_lm.server, Ollama, vLLM) instead of a local one.")] = None,
     api_key_env: Annotated[str | None, typer.Option("--api-key-env", help="With --endpoint: the environment variable that holds the server's API key.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, metavar="SECONDS", help="With --endpoint: how long to wait for the server's first token, or the next one (default 60).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per answer.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
@@ -136,10 +137,18 @@ def main_command(
             given = [flag for flag, used in local_only.items() if used]
             if given:
                 raise GemmaChatError(f"{given[0]} is for a local model; with --endpoint the server decides")
-            session = _remote_session(endpoint, api_key_env, settings, model=model, system=system)
+            session = _remote_session(
+                endpoint, api_key_env, settings, model=model, system=system, timeout=timeout
+            )
         else:
             if api_key_env is not None:
                 raise GemmaChatError("--api-key-env needs --endpoint")
+            if timeout is not None:
+                raise GemmaChatError("--timeout needs --endpoint")
+            if resume is not None:  # a session file that cannot be loaded fails before the weights
+                from .chat.transcript import read_transcript
+
+                read_transcript(Path(resume).expanduser())
             model, pair = _load(
                 err, model, None if no_mtp else drafter, precision, quantize, limit, context_tokens
             )
@@ -281,15 +290,21 @@ def _blas_hint_once(err: Console) -> None:
         pass  # a read-only home: the note comes again next time, nothing worse
 
 
-def _remote_session(url: str, key_env: str | None, settings, *, model: str | None, system: str | None):
-    from .serve.remote import RemoteSession
+def _remote_session(
+    url: str, key_env: str | None, settings, *, model: str | None, system: str | None,
+    timeout: float | None,
+):
+    from .serve.remote import FIRST_TOKEN_TIMEOUT_S, RemoteSession
 
     key = None
     if key_env is not None:
         key = os.environ.get(key_env)
         if not key:
             raise GemmaChatError(f"--api-key-env: the environment variable {key_env} is not set")
-    return RemoteSession(url, settings, model=model, api_key=key, system=system)
+    return RemoteSession(
+        url, settings, model=model, api_key=key, system=system,
+        timeout=FIRST_TOKEN_TIMEOUT_S if timeout is None else timeout,
+    )
 
 
 class StdinText:
@@ -325,7 +340,7 @@ def _resume(
     from .chat.commands import loaded_line
 
     loaded = session.load(path)
-    if loaded.refused:
+    if loaded.refused or loaded.dropped or loaded.ids_refused:
         err.print("note: " + loaded_line(loaded), style="yellow", markup=False)
     else:
         err.print(loaded_line(loaded), style="dim", markup=False)
@@ -469,7 +484,8 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a slot; more get 429.")] = 32,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Answer length for requests that set none.")] = 512,
     max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", min=1024, help="Larger request bodies get 413.")] = 1 << 20,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    shutdown_grace: Annotated[float, typer.Option("--shutdown-grace", min=0.0, metavar="SECONDS", help="On SIGTERM or Ctrl-C: how long answers under way may finish before they are ended.")] = 5.0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also in the server's log).")] = False,
 ):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health)
     on this engine, with MTP and batched decoding."""
@@ -485,6 +501,8 @@ def serve(
             max_tokens=max_tokens,
             mtp=not no_mtp,
             draft_tokens=draft_tokens,
+            shutdown_grace=shutdown_grace,
+            debug=debug,
         )
         limit, context_tokens = check_load_options(
             model, precision, quantize, max_memory, draft_tokens, context
@@ -506,7 +524,7 @@ def serve(
         _fail(err, str(e), debug)
     except DownloadInterrupted as e:
         _download_interrupted(err, e)
-    except KeyboardInterrupt:  # uvicorn has shut down gracefully, then passes Ctrl-C on
+    except KeyboardInterrupt:  # uvicorn has shut down (serve/server.py), then passes Ctrl-C on
         raise typer.Exit(130) from None
     except Exception as e:
         _fail(err, f"{type(e).__name__}: {e}", debug)

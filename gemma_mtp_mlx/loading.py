@@ -519,6 +519,9 @@ def load_drafter(path: Path, target: Model) -> Assistant:
     return drafter
 
 
+NO_TOKENIZER_LIMIT = int(1e30)  # transformers' own "no limit" (VERY_LARGE_INTEGER)
+
+
 def load_tokenizer(path: Path):
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
@@ -526,9 +529,13 @@ def load_tokenizer(path: Path):
         raise GemmaChatError(f"{path} has no tokenizer (tokenizer.json)")
     eos = _eos_ids(path)
     try:
-        return load_wrapper(path, eos_token_ids=eos)
+        tokenizer = load_wrapper(path, eos_token_ids=eos)
     except Exception as e:  # tokenizers raise assorted types for a broken file
         raise GemmaChatError(f"cannot load the tokenizer in {path}: {e}") from None
+    # The context is ours to bound (--context, the model's): the tokenizer's own length has no
+    # say, and transformers would warn about every text longer than it.
+    tokenizer.model_max_length = NO_TOKENIZER_LIMIT
+    return tokenizer
 
 
 def _eos_ids(path: Path) -> list[int] | None:

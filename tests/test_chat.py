@@ -581,6 +581,9 @@ def test_repl_stop_request_between_chunks(pair, monkeypatch):
             return self.looks > 1
 
     class Fake:
+        def __init__(self, at_once=False):
+            assert not at_once  # a local answer stops where its cache is consistent
+
         def __enter__(self):
             return Requested()
 

@@ -168,7 +168,12 @@ def _edit_the_transcript(transcript: Path, kv: Path) -> None:
         (_truncate, "it cannot be read (truncated, or not a safetensors file)", "--resume"),
         (_flip_a_byte, "it does not match its checksum (damaged or edited)", "/load"),
         (_other_version, "format version '2'; this gemma-chat reads 1", "--resume"),
-        (_edit_the_transcript, "it was saved with another version of this conversation", "/load"),
+        (
+            _edit_the_transcript,
+            "it was saved with another version of this conversation; its token ids do not match"
+            " its messages (edited): its text is encoded again",
+            "/load",
+        ),
     ],
 )
 def test_a_damaged_cache_is_refused_and_the_transcript_loaded(

@@ -48,10 +48,10 @@ def think(session: Session, arg: str) -> str:
     return f"thinking {'on' if session.settings.think else 'off'}"
 
 
-def save(session: Session, arg: str) -> str:
+def save(session: Session, arg: str, *, replace: bool = False) -> str:
     if not arg:
-        raise GemmaChatError("usage: /save FILE")
-    saved = session.save(arg)
+        raise GemmaChatError("usage: /save FILE (/save! FILE replaces a file that is not a session)")
+    saved = session.save(arg, replace=replace)
     line = f"saved {saved.messages} messages to {saved.path}"
     if saved.cached_tokens:
         line += f" (and its KV cache, {saved.cached_tokens:,} tokens, beside it)"
@@ -64,12 +64,21 @@ def load(session: Session, arg: str) -> str:
     return loaded_line(session.load(arg))
 
 
+def save_over(session: Session, arg: str) -> str:
+    return save(session, arg, replace=True)
+
+
 def loaded_line(loaded: Loaded) -> str:
     line = f"loaded {loaded.messages} messages"
+    if loaded.dropped:
+        s = "s" * (loaded.dropped > 1)
+        line += f" (the {loaded.dropped} oldest exchange{s} left out: they do not fit the context)"
     if loaded.cached_tokens:
         return line + f" and their KV cache ({loaded.cached_tokens:,} tokens)"
     if loaded.refused:
         line += f"; its saved KV cache is not used: {loaded.refused}"
+    if loaded.ids_refused:
+        line += f"; {loaded.ids_refused}: its text is encoded again"
     return line + "; the next answer prefills the conversation"
 
 
@@ -79,5 +88,6 @@ SESSION_COMMANDS: dict[str, Callable[[Session, str], str]] = {
     "/mtp": mtp,
     "/think": think,
     "/save": save,
+    "/save!": save_over,
     "/load": load,
 }

@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/think": ("[on|off]", "Gemma 4's thinking channel (shown dimmed)"),
     "/stats": ("", "figures of the last answer"),
     "/verify": ("", "replay the last answer without MTP and compare the tokens"),
-    "/save": ("FILE", "save the conversation (JSON) and its KV cache beside it, mode 0600"),
+    "/save": ("FILE", "save the conversation (JSON) and its KV cache beside it, mode 0600 (/save! replaces a file that is not a session)"),
     "/load": ("FILE", "load a saved conversation (and its KV cache, when it fits)"),
     "/quit": ("", "leave (also Ctrl-D)"),
 }
@@ -88,7 +88,7 @@ class SlashCompleter(Completer):
                 if command.startswith(name):
                     yield Completion(command, -len(name), display_meta=f"{hint} {what}".strip())
             return
-        if name in ("/save", "/load"):
+        if name in ("/save", "/save!", "/load"):
             yield from self.paths.get_completions(Document(arg, len(arg)), event)
             return
         for choice in _CHOICES.get(name, ()):
@@ -131,16 +131,17 @@ def make_prompt_session(
 
 
 @contextmanager
-def sigint_as_request() -> Iterator[threading.Event]:
+def sigint_as_request(at_once: bool = False) -> Iterator[threading.Event]:
     """While an answer runs, a first Ctrl-C only asks it to stop (between two prefill chunks or
-    two streamed chunks, where the cache is consistent); a second one interrupts at once."""
+    two streamed chunks, where the cache is consistent); a second one interrupts at once, and so
+    does the first `at_once` (an answer with no local cache, waiting on a server)."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
 
     def handler(signum, frame):
-        if requested.is_set():
+        if requested.is_set() or at_once:
             raise KeyboardInterrupt
         requested.set()
 
@@ -232,7 +233,7 @@ class Repl:
         view = AnswerView(self.console, meter=lambda stats: self._meter(turn, stats))
         with view:
             try:
-                with sigint_as_request() as stop:
+                with sigint_as_request(getattr(turn, "stops_at_once", False)) as stop:
                     turn.stop_request = stop  # honoured between prefill chunks too
                     for update in turn:
                         view.update(update.thinking, update.text, update.stats)

@@ -12,8 +12,13 @@ prompt pre-fills an empty thought channel that the template leaves out of earlie
 Removing an answer's thinking moves the common prefix back to where that answer began, deeper
 than the sliding layers can roll back once their window has wrapped; the session's context keeps
 a snapshot there (engine/context.py), so the turn still prefills only what changed. `save` writes
-the cache and `_carried` beside the transcript (chat/saved_cache.py), so a loaded conversation
-goes on the same way.
+the cache and `_carried` beside the transcript (chat/saved_cache.py), and `_carried` in the
+transcript too (chat/transcript.py), so a loaded conversation goes on the same way, with its
+cache or without it.
+
+A loaded conversation keeps the newest exchanges that fit the context; they are counted newest
+first and only as far as the context (chat/budget.py), so a huge session file is never
+tokenized whole.
 """
 
 import os
@@ -27,9 +32,10 @@ from ..engine.generate import generate
 from ..engine.stats import GenerationStats
 from ..errors import GemmaChatError
 from ..models.rollback import DEFAULT_SLACK, max_draft_tokens
+from .budget import count_tokens
 from .saved_cache import CacheRefused, cache_path, read_cache, write_cache
 from .thinking import ChannelSplitter, strip_channels
-from .transcript import Transcript, is_text, read_transcript, write_transcript
+from .transcript import Transcript, is_session, is_text, read_transcript, write_transcript
 
 _PROBE = "gemma-chat-probe"
 # History is dropped to make room for an answer only when less than this is left (or than
@@ -85,6 +91,8 @@ class Loaded:
     messages: int
     cached_tokens: int  # tokens of KV cache restored (0: the next answer prefills it all)
     refused: str | None  # why a saved KV cache was not used
+    dropped: int = 0  # oldest exchanges left out: they do not fit the context
+    ids_refused: str | None = None  # why the transcript's token ids were not used
 
 
 @dataclass
@@ -445,14 +453,21 @@ class Session:
         return Verification(first is None, n, message)
 
     # -- /save and /load -----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Saved:
+    def save(self, path: str | os.PathLike, *, replace: bool = False) -> Saved:
         """Write the transcript to `path` and the KV cache beside it (chat/saved_cache.py), each
         atomically and private. The cache first: a save killed between the two leaves a cache
-        whose transcript digest no longer matches, which a load refuses."""
+        whose transcript digest no longer matches, which a load refuses. A file at `path` that
+        is not a session is replaced only when `replace` says so."""
         path = Path(path).expanduser()
         if path.is_dir():
             raise GemmaChatError(f"cannot write {path}: it is a folder")
-        transcript = Transcript(self.system, self.settings.think, self.messages, self.model_name)
+        if not replace and path.exists() and not is_session(path):
+            raise GemmaChatError(
+                f"{path} exists and is not a gemma-chat session; /save! {path} replaces it"
+            )
+        transcript = Transcript(
+            self.system, self.settings.think, self.messages, self.model_name, self._carried
+        )
         kv = cache_path(path)
         self._keep_only_what_the_next_turn_reuses()
         if self.context.tokens:
@@ -474,17 +489,25 @@ class Session:
 
     def load(self, path: str | os.PathLike) -> Loaded:
         """Replace the conversation by a saved one, with its KV cache when one was saved for
-        this model and this transcript; otherwise the next answer prefills the conversation."""
+        this model and this transcript; otherwise the next answer prefills the conversation:
+        its saved token ids, or else its text, of which only the newest exchanges that fit the
+        context are kept."""
         path = Path(path).expanduser()
         transcript = read_transcript(path)
-        self.system, self.messages = transcript.system, transcript.messages
+        ids = self._usable_ids(transcript)
+        messages, dropped = transcript.messages, 0
+        if ids is None:
+            messages, dropped = self._fitting(transcript.system, transcript.messages)
+        self.system, self.messages = transcript.system, messages
         if transcript.think is not None:
             self.settings.think = transcript.think
         self._carried, self.last = None, None
         self.context.reset()
         refused = None
         kv = cache_path(path)
-        if kv.is_file():
+        if dropped:
+            refused = "the conversation was cut to fit the context" if kv.is_file() else None
+        elif kv.is_file():
             try:
                 saved = read_cache(kv, self.pair, self.context.slack, transcript.digest())
             except CacheRefused as e:
@@ -492,7 +515,34 @@ class Session:
             else:
                 self.context.cache, self.context.tokens = saved.cache, saved.tokens
                 self._carried = saved.carried
-        return Loaded(len(self.messages), len(self.context.tokens), refused)
+        if self._carried is None:
+            self._carried = ids  # the very tokens a cache would have held
+        return Loaded(
+            len(self.messages), len(self.context.tokens), refused, dropped, transcript.ids_refused
+        )
+
+    def _usable_ids(self, transcript: Transcript) -> list[int] | None:
+        """The transcript's token ids, when they fit this model's vocabulary and context."""
+        ids = transcript.token_ids
+        vocab = self.pair.target.args.vocab_size
+        if ids is None or len(ids) >= self.context.limit or any(t >= vocab for t in ids):
+            return None
+        return ids
+
+    def _fitting(self, system: str | None, messages: list[dict]) -> tuple[list[dict], int]:
+        """The newest exchanges whose text fits the context, and how many older ones do not.
+        Counted newest first, each text only as far as the room left, so that a huge message is
+        never tokenized whole; the template's few tokens per turn are left to `ask`."""
+        tokenizer, left = self.pair.tokenizer, self.context.limit
+        if system:
+            left -= count_tokens(tokenizer, system, left)
+        start = len(messages)
+        while start >= 2 and left >= 0:
+            for m in messages[start - 2 : start]:
+                left -= count_tokens(tokenizer, m["content"], max(left, 0))
+            if left >= 0:
+                start -= 2
+        return messages[start:], start // 2
 
     def _keep_only_what_the_next_turn_reuses(self) -> None:
         """Roll the cache back to where it parts from the conversation's tokens: the last
