@@ -32,6 +32,9 @@ from fixtures.servers import running, serving
 from gemma_mtp_mlx import load
 from gemma_mtp_mlx.chat.repl import run_repl
 from gemma_mtp_mlx.chat.session import Settings
+from gemma_mtp_mlx.engine import isolation
+from gemma_mtp_mlx.engine.decode import Decoder
+from gemma_mtp_mlx.engine.generate import encode_prompt, make_sampler
 from gemma_mtp_mlx.engine.sampling import Sampler
 from gemma_mtp_mlx.serve import app as app_module
 from gemma_mtp_mlx.serve import scheduler as scheduler_module
@@ -185,6 +188,46 @@ def test_a_failing_row_ends_alone_and_the_others_equal_their_solo_runs(pair, mon
         assert results[i][-1] == "[DONE]" and results[i][-3]["choices"][0]["finish_reason"] == "length"
         (final,) = [e["usage"] for e in results[i] if isinstance(e, dict) and e.get("usage")]
         assert final["speculative"]["rows_together"] == 4  # they shared rounds with the faulty one
+
+
+@pytest.mark.parametrize("k", [0, 2])  # the plain pipeline (its look-ahead) and speculative rounds
+def test_a_row_failing_mid_round_is_taken_out_and_the_rest_rewound(pair, k):
+    """The decoder's side of the scheduler's rounds (serve/scheduler.py): marks before each
+    round, and each row alone after one that raised."""
+
+    class FailsLater(Sampler):
+        calls = 0
+
+        def biased(self, logits, ids=None):
+            FailsLater.calls += 1
+            if FailsLater.calls > 5:
+                raise RuntimeError("injected")
+            return super().biased(logits, ids)
+
+    def run(rows: list[int], faulty: int | None = None) -> tuple[dict, list]:
+        decoder, out, failed = Decoder(pair, draft_tokens=k), {}, []
+        for i in rows:
+            sampler, stop = make_sampler(pair, ignore_eos=True)
+            if i == faulty:
+                sampler.__class__ = FailsLater
+            emitted = decoder.add(encode_prompt(pair.tokenizer, PROMPTS[i]), sampler, max_tokens=24, stop=stop)
+            out[emitted.stream] = (i, list(emitted.tokens))
+        while decoder.streams:
+            marks = isolation.mark(decoder)
+            try:
+                emitted = decoder.step()
+            except RuntimeError:
+                emitted, gone = isolation.step_each_alone(decoder, marks)
+                failed += [out[s][0] for s in gone]
+            for e in emitted:
+                out[e.stream][1].extend(e.tokens)
+        decoder.close()
+        return dict(out.values()), failed
+
+    solo = [run([i])[0][i] for i in range(3)]
+    together, failed = run([0, 1, 2], faulty=1)
+    assert failed == [1] and FailsLater.calls > 5
+    assert together[0] == solo[0] and together[2] == solo[2] and len(solo[0]) == 24
 
 
 # -- 2. session files and prompts are bounded before they are read or tokenized -----------------
