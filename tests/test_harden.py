@@ -406,11 +406,12 @@ def test_endpoint_waits_visibly_times_out_in_one_line_and_ctrl_c_stops_at_once()
         threading.Thread(target=ctrl_c, daemon=True).start()
         start = time.monotonic()
         with create_pipe_input() as pipe:
-            pipe.send_text("Hello there\r\x04")
+            pipe.send_text("Hello there\r/save! chat.json\r\x04")
             run_repl(session, console, input=pipe, output=DummyOutput(), history=InMemoryHistory())
         waited = time.monotonic() - start
     out = console.export_text()
     assert "waiting for the server… (Ctrl-C stops)" in out and "stopped" in out
+    assert "/save and /load keep local conversations" in out  # and the chat went on
     assert waited < 20  # not the 60 s of --timeout
     assert session.messages == []
 

@@ -205,10 +205,11 @@ class RemoteSession:
             "runs on the server"
         )
 
-    def save(self, path):
+    def save(self, path, *, replace: bool = False):
         raise GemmaChatError("/save and /load keep local conversations; not with --endpoint yet")
 
-    load = save
+    def load(self, path):
+        return self.save(path)
 
     # -- turns -------------------------------------------------------------------------------
     def ask(self, text: str) -> "RemoteTurn":
