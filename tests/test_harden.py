@@ -331,7 +331,7 @@ def test_lone_surrogates_are_refused_and_failures_logged_in_one_line(pair, serve
         def boom(*args):
             raise RuntimeError("nobody expected this")
 
-        monkeypatch.setattr(app_module, "count_tokens", boom)
+        monkeypatch.setattr(app_module.Api, "_check_length", boom)
         status, error = post(base, CHAT, body("hi"))
         assert status == 500 and error["error"]["type"] == "server_error"
         assert error["error"]["message"] == "internal server error"  # no internals to the client

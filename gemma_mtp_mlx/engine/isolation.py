@@ -12,13 +12,11 @@ neighbours, and a sampled row draws from its own key stream (moved on by the fai
 draws, so still distributed exactly as the target).
 """
 
-import copy
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from .decode import Decoder, Emitted, Stream, clock
-from .stats import GenerationStats
 
 
 @dataclass
@@ -30,7 +28,7 @@ class Mark:
     emitted: int
     last_out: float
     rounds_to_baseline: int
-    stats: GenerationStats
+    stats: dict  # its GenerationStats' fields (a plain copy: this runs before every round)
 
 
 def mark(decoder: Decoder) -> list[Mark]:
@@ -38,9 +36,9 @@ def mark(decoder: Decoder) -> list[Mark]:
     marks = []
     for s in decoder.streams:
         row = s.row
-        stats = copy.copy(s.stats)
-        stats.accepted_by_position = list(stats.accepted_by_position)
-        stats.drafted_by_position = list(stats.drafted_by_position)
+        stats = vars(s.stats).copy()
+        for name in ("accepted_by_position", "drafted_by_position"):  # grown in place
+            stats[name] = list(stats[name])
         length = len(row.ctx.tokens) - (id(row) in ahead)
         marks.append(
             Mark(s, length, row.token, row.hidden, s.emitted, s.last_out, s.rounds_to_baseline, stats)
@@ -60,7 +58,8 @@ def rewind(m: Mark) -> bool:
     s = m.stream
     s.row.token, s.row.hidden = m.token, m.hidden
     s.emitted, s.last_out, s.rounds_to_baseline = m.emitted, m.last_out, m.rounds_to_baseline
-    s.stats, s.finish_reason = m.stats, None
+    vars(s.stats).update(m.stats)
+    s.finish_reason = None
     return True
 
 
