@@ -20,6 +20,7 @@ from .errors import DownloadInterrupted, GemmaChatError
 from .models.assistant import Assistant, AssistantArgs, pairing_problems
 from .models.gemma4 import Model, ModelArgs, canonical_key
 from .models.moe import fused_module_path
+from .models.multimodal import ImageEncoder, has_vision
 
 TARGET_TYPES = {"gemma4", "gemma4_text"}
 ASSISTANT_TYPES = {"gemma4_assistant"}
@@ -41,6 +42,7 @@ class Pair:
     # Why the automatic drafter is missing (e.g. not in the cache, offline): plain decoding.
     drafter_note: str | None = None
     context: int | None = None  # the context sessions on this pair get (None: the model's)
+    vision: object = None  # images.vision.Vision when the checkpoint carries a vision tower
 
     @property
     def context_limit(self) -> int:
@@ -317,7 +319,41 @@ def load_plan(
     tokenizer = load_tokenizer(target_path)
     assistant = load_drafter(drafter_path, target) if drafter_path else None
     return Pair(target, assistant, tokenizer, target_path, drafter_path, drafter_note=note,
-                context=context)
+                context=context, vision=vision_for(target_path))
+
+
+def vision_for(path: Path, budget: int | None = None):
+    """What the checkpoint in `path` needs to take pictures (no weights read), or None when it
+    has no vision tower."""
+    from .images.vision import Vision
+
+    config = read_config(path)
+    return Vision(path, config, budget) if has_vision(config) else None
+
+
+def load_image_encoder(path: Path) -> ImageEncoder:
+    """The vision tower and embedder of the checkpoint in `path`, quantised as stored."""
+    config = read_config(path)
+    encoder = ImageEncoder.from_config(config)
+    weights = encoder.sanitize(read_weights(path))
+    quant = _quantization(config)
+    if quant:
+        # As for the text model: a module is quantised iff the checkpoint has its scales, with
+        # the bits and group size of its own entry when the config gives it one.
+        own = {k.removeprefix("model."): v for k, v in quant.items() if isinstance(v, dict)}
+        nn.quantize(
+            encoder,
+            group_size=quant.get("group_size", 64),
+            bits=quant["bits"],
+            mode=quant.get("mode", "affine"),
+            class_predicate=lambda p, m: own.get(p, f"{p}.scales" in weights),
+        )
+    try:
+        encoder.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise GemmaChatError(f"the vision weights in {path} do not fit its config.json: {_short(e)}") from None
+    mx.eval(every_array(encoder))
+    return encoder
 
 
 # -- folders -> models ---------------------------------------------------------------------------

@@ -125,6 +125,34 @@ def published(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def seeing(ckpt, tmp_path_factory) -> dict[str, Path]:
+    """Tiny multimodal targets around the `ckpt` text targets (so `ckpt["<shape>-assistant"]`
+    drafts for them): "e2b" (per-layer embeddings, KV sharing; a tower with clipped linears and
+    standardisation; causal over images) and "dense" (`use_bidirectional_attention: "vision"`)."""
+    from fixtures import mlx_vlm_checkpoints as mlx_vlm
+
+    root = tmp_path_factory.mktemp("seeing")
+    return {
+        "e2b": mlx_vlm.make_multimodal_target(
+            root / "e2b", ckpt["e2b"], use_clipped_linears=True, standardize=True
+        ),
+        "dense": mlx_vlm.make_multimodal_target(root / "dense", ckpt["dense"], bidirectional=True),
+    }
+
+
+def picture(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A random RGB picture's file."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
 # The alias rows the tiny published checkpoints stand in for, in the test hub cache.
 CACHED_REPOS = {
     "mlx-community/gemma-4-e4b-it-4bit": "e4b-4bit",

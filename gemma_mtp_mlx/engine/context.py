@@ -15,11 +15,19 @@ slots x 2 KV heads x 256 x K and V x 2 bytes = 22.5 MiB), however long the conve
 The prefill runs in chunks, each evaluated before the next, so at every chunk boundary the
 cache and `tokens` agree: a stop request honoured there (Ctrl-C) leaves a context the next
 prompt reuses.
+
+Pictures (an `ImagePrompt`): their soft tokens enter as the vision tower's output instead of
+token embeddings, and a chunk never ends inside one, so that where the checkpoint says
+`use_bidirectional_attention: "vision"` each soft token can see all of its image on the
+sliding layers (spec §7). The context remembers which picture (by digest) sits where, so that
+another picture with the same token count is never mistaken for the cached one.
 """
 
 import mlx.core as mx
 
 from ..errors import GemmaChatError
+from ..images.prompt import images_of
+from ..models.cache import SlidingWindowCache
 from ..models.gemma4 import Model
 from ..models.rollback import DEFAULT_SLACK
 from .snapshot import Snapshot, restore, take
@@ -49,6 +57,7 @@ class Context:
         self.keep_snapshot = keep_snapshot
         self.cache = target.make_cache(slack)
         self.tokens: list[int] = []
+        self.images: list[tuple[int, int, str]] = []  # (start, length, digest) of held pictures
         self.snapshot: Snapshot | None = None
         # Anything with `is_set()` (a threading.Event): when set, the prefill stops at the end
         # of its current chunk by raising PrefillStopped.
@@ -72,10 +81,12 @@ class Context:
             self.reset()
         if self.snapshot is not None and self.snapshot.position > len(self.tokens):
             self.snapshot = None  # the tokens it was taken after are gone
+        self.images = [b for b in self.images if b[0] < len(self.tokens)]
 
     def reset(self) -> None:
         self.cache = self.target.make_cache(self.slack)
         self.tokens = []
+        self.images = []
         self.snapshot = None
 
     def prefill(self, tokens: list[int]) -> tuple[mx.array, mx.array, int]:
@@ -92,25 +103,96 @@ class Context:
             if a != b:
                 break
             common += 1
+        blocks = images_of(tokens)
+        common = min(common, self._same_pictures_until(blocks))
         common = min(common, len(tokens) - 1)  # the last token must run to give logits
         self.rewind(len(self.tokens) - common)
         start = len(self.tokens)  # before `common` when the rollback went back to the snapshot
-        for i in range(start, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[i : i + PREFILL_CHUNK]
-            if i + len(chunk) < len(tokens):
-                self.target.model(mx.array([chunk]), self.cache)
+        features: dict[int, mx.array] = {}
+        i = start
+        while i < len(tokens):
+            end = chunk_end(i, len(tokens), blocks)
+            chunk = tokens[i:end]
+            ids, cache, extra = self._chunk_inputs(tokens, i, end, features)
+            if end < len(tokens):
+                self.target.model(ids, cache, **extra)
                 mx.eval(self._arrays())
             else:
                 logits, hidden = self.target(
-                    mx.array([chunk]), self.cache, return_hidden=True, last_only=True
+                    ids, cache, return_hidden=True, last_only=True, **extra
                 )
                 mx.eval(logits, hidden, self._arrays())
             self.tokens += chunk
+            self.images = [b for b in blocks if b[0] < len(self.tokens)]
+            i = end
             if self.stop_request is not None and self.stop_request.is_set():
                 raise PrefillStopped
         if self.keep_snapshot:
             self.snapshot = take(self.cache, len(self.tokens))
         return logits, hidden, len(tokens) - start
 
+    def _same_pictures_until(self, blocks: list[tuple[int, int, str]]) -> int:
+        """Where the held pictures and a prompt's first part: a picture in one that the other
+        does not hold at the same place."""
+        held, new = set(self.images), set(blocks)
+        differ = [b[0] for b in blocks if b not in held] + [b[0] for b in self.images if b not in new]
+        return min(differ, default=len(self.tokens))
+
+    def _chunk_inputs(self, tokens, i: int, end: int, features: dict):
+        """The model's inputs for tokens[i:end]: ids, caches, and for a chunk with pictures in
+        it the embeddings (soft tokens where the pictures are) and, where the checkpoint asks,
+        sliding caches that let each picture see itself both ways."""
+        chunk = tokens[i:end]
+        inside = [(k, s, n) for k, (s, n, _) in enumerate(images_of(tokens)) if s < end and s + n > i]
+        if not inside:
+            return mx.array([chunk]), self.cache, {}
+        marks = tokens.marks
+        ids, blocks = list(chunk), [-1] * len(chunk)
+        for k, s, n in inside:
+            for p in range(max(s, i), min(s + n, end)):
+                ids[p - i], blocks[p - i] = marks.pad, k  # the per-layer inputs read padding there
+        ids = mx.array([ids])
+        h = self.target.model.embed(ids)
+        pieces, at = [], i
+        for k, s, n in inside:
+            a, b = max(s, i), min(s + n, end)
+            if k not in features:
+                features[k] = tokens.encode(tokens.images[k])
+            pieces += [h[:, at - i : a - i], features[k][a - s : b - s][None].astype(h.dtype)]
+            at = b
+        pieces.append(h[:, at - i :])
+        cache = self.cache
+        if self.target.args.use_bidirectional_attention == "vision":
+            both_ways = mx.array(blocks)
+            cache = [
+                PictureBlocks(c, both_ways) if isinstance(c, SlidingWindowCache) else c
+                for c in self.cache
+            ]
+        return ids, cache, {"embeddings": mx.concatenate(pieces, axis=1)}
+
     def _arrays(self) -> list:
         return [(c.keys, c.values) for c in self.cache]
+
+
+def chunk_end(i: int, total: int, blocks: list[tuple[int, int, str]]) -> int:
+    """Where the prefill chunk from i ends: PREFILL_CHUNK tokens on, but before a picture that
+    would be cut (or after it, when the chunk starts with it)."""
+    end = min(i + PREFILL_CHUNK, total)
+    for s, n, _ in blocks:
+        if s < end < s + n:
+            end = s if s > i else s + n
+    return end
+
+
+class PictureBlocks:
+    """A sliding layer's cache during one prefill chunk: the queries of a picture's soft tokens
+    also see that picture's later soft tokens (models/cache.py `block_overlay`)."""
+
+    def __init__(self, cache: SlidingWindowCache, blocks: mx.array):
+        self.cache, self.blocks = cache, blocks
+
+    def store(self, keys: mx.array, values: mx.array, rope):
+        return self.cache.store(keys, values, rope, self.blocks)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import GemmaChatError
+from ..images.messages import has_images, split_images
+from ..images.prompt import ImagePrompt, expand_images
+from ..images.vision import vision_of
 from .context import Context
 from .decode import Decoder, Emitted
 from .sampling import Sampler, SamplerSettings, ban_bias
@@ -22,21 +25,25 @@ class Chunk:
     round: RoundStats | None = None  # the round that produced this chunk (None: the prefill)
 
 
-def encode_prompt(tokenizer, prompt, *, raw: bool = False) -> list[int]:
+def encode_prompt(tokenizer, prompt, *, raw: bool = False, vision=None) -> list[int]:
     """A string (chat-templated unless `raw`), a list of chat messages, or token ids. Thinking
-    is passed explicitly: mlx-lm's wrapper would switch it on for Gemma 4 otherwise."""
+    is passed explicitly: mlx-lm's wrapper would switch it on for Gemma 4 otherwise. Messages
+    with image parts need `vision` (the pair's) and give an `ImagePrompt`."""
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
+        return prompt if isinstance(prompt, ImagePrompt) else list(prompt)
     if isinstance(prompt, str) and raw:
         return tokenizer.encode(prompt)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if tokenizer.chat_template is None:
         raise GemmaChatError("this tokenizer has no chat template; use --raw")
-    return list(
-        tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, enable_thinking=False
-        )
-    )
+    messages, images = split_images(messages)
+    if images and vision is None:
+        raise GemmaChatError("this model has no vision tower: it cannot read images")
+    prepared = [vision.prepare(image) for image in images]
+    ids = list(tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, enable_thinking=False
+    ))
+    return expand_images(ids, prepared, vision.marks, vision.encode) if images else ids
 
 
 def make_sampler(
@@ -70,7 +77,8 @@ def generate(
     drafting loses); the tokens are the target's own either way (greedy: identical to plain
     decoding; sampling: distributed as the target's). `context` carries a KV cache over from
     earlier prompts (a chat); only the tokens after the common prefix are prefilled."""
-    tokens = encode_prompt(pair.tokenizer, prompt, raw=raw)
+    vision = vision_of(pair) if has_images(prompt) else None
+    tokens = encode_prompt(pair.tokenizer, prompt, raw=raw, vision=vision)
     sampler, stop = make_sampler(
         pair, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos
     )

@@ -48,6 +48,19 @@ def window_mask(query_positions: mx.array, key_positions: mx.array, window: int)
     return (k <= q) & (k > q - window) & (k >= 0)
 
 
+def block_overlay(start: int, blocks: mx.array, key_positions: mx.array) -> mx.array:
+    """Boolean [L, Lk]: the later keys a query at start + i sees besides the causal window,
+    those of its own image (spec §7, `use_bidirectional_attention: "vision"`). `blocks` [L]
+    gives each new position its image's number, -1 for text; keys before `start` are earlier,
+    hence already visible within the window."""
+    L = blocks.shape[0]
+    queries = mx.arange(start, start + L)[:, None]
+    inside = (key_positions >= start) & (key_positions < start + L)
+    key_blocks = mx.where(inside, blocks[mx.clip(key_positions - start, 0, L - 1)], -1)
+    same = (blocks[:, None] == key_blocks[None, :]) & (blocks[:, None] >= 0)
+    return same & (key_positions[None, :] > queries)
+
+
 @lru_cache(maxsize=32)
 def ring_mask(start: int, length: int, n_slots: int, capacity: int, window: int) -> mx.array:
     """The mask of queries at start .. start + length - 1 over the first `n_slots` slots of a
@@ -151,8 +164,9 @@ class SlidingWindowCache:
         v = mx.concatenate([self.values[..., s:, :], self.values[..., :s, :]], axis=2)
         return k, v, self.offset - self.capacity
 
-    def store(self, keys: mx.array, values: mx.array, rope) -> KVView:
-        """Store L new positions; the view for the L queries at those positions."""
+    def store(self, keys: mx.array, values: mx.array, rope, blocks: mx.array | None = None) -> KVView:
+        """Store L new positions; the view for the L queries at those positions. `blocks`: the
+        image each new position belongs to, for a prefill whose images attend both ways."""
         start = self.offset
         keys = rope(keys, offset=start)
         L = keys.shape[2]
@@ -166,6 +180,9 @@ class SlidingWindowCache:
             if L == 1 and end <= self.window:
                 return KVView(k, v, None, start)
             mask = ring_mask(start, L, k.shape[2], self.capacity, self.window)
+            if blocks is not None:
+                slots = slot_positions(end, k.shape[2], self.capacity)
+                mask = mask | block_overlay(start, blocks, slots)
             return KVView(k, v, mask, start)
 
         # A long block (prefill): attend over old + new in temporal order, then keep the tail.
@@ -176,6 +193,8 @@ class SlidingWindowCache:
         all_k = mx.concatenate([old_k, keys], axis=2)
         all_v = mx.concatenate([old_v, values], axis=2)
         mask = window_mask(mx.arange(start, end), mx.arange(first, end), self.window)
+        if blocks is not None:
+            mask = mask | block_overlay(start, blocks, mx.arange(first, end))
         if all_k.shape[2] <= self.capacity:
             self.keys, self.values = all_k, all_v
         else:

@@ -48,6 +48,8 @@ class ModelArgs:
     final_logit_softcapping: float | None = None
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 131072
+    # "vision": during prefill an image's soft tokens see each other both ways on sliding layers.
+    use_bidirectional_attention: str | None = None
     # Per full-attention layer overrides as transformers 5.24 writes them: {"i": {head_dim, num_key_value_heads}}.
     per_layer_config: dict | None = None
 
@@ -267,11 +269,14 @@ class Gemma4TextModel(nn.Module):
         ctx = self.per_layer_projection_norm(ctx.reshape(*tokens.shape, n, p))
         return (ctx + tok) * (2.0**-0.5)
 
-    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+    def __call__(
+        self, tokens: mx.array, cache: list | None = None, embeddings: mx.array | None = None
+    ) -> mx.array:
         """Post-final-norm hidden states [B, L, hidden]; caches of the non-shared layers updated.
-        With `RowsCache`s the B rows are independent sequences, each at its own position."""
+        With `RowsCache`s the B rows are independent sequences, each at its own position.
+        `embeddings` replaces the input embedding of `tokens` (a prompt with images in it)."""
         a = self.args
-        h = self.embed(tokens)
+        h = self.embed(tokens) if embeddings is None else embeddings
         ple = self.per_layer_inputs(tokens, h) if a.hidden_size_per_layer_input else None
 
         views: list = [None] * len(self.layers)
@@ -305,10 +310,11 @@ class Model(nn.Module):
         *,
         return_hidden: bool = False,
         last_only: bool = False,
+        embeddings: mx.array | None = None,
     ) -> Any:
         """Logits [B, L, vocab] (mlx-lm convention); with `return_hidden`, also the post-norm
         hidden states the drafter conditions on; `last_only` keeps only the final position."""
-        hidden = self.model(tokens, cache)
+        hidden = self.model(tokens, cache, embeddings)
         if last_only:
             hidden = hidden[:, -1:, :]
         logits = self.logits(hidden)

@@ -1,0 +1,45 @@
+"""Chat messages with pictures: content parts `{"type": "image", "path": ...}` (or `"url"`, a
+`data:` URL) beside `{"type": "text", "text": ...}`. The chat template sees each picture as a
+bare `{"type": "image"}` part, a message's pictures before its text (the order Gemma 4's model
+card uses); the pictures themselves are read here, in order, before any weights move."""
+
+from ..errors import GemmaChatError
+from .files import ImageBytes, image_from_data_url, read_image_file
+from .prompt import MAX_IMAGES
+
+
+def split_images(messages: list[dict]) -> tuple[list[dict], list[ImageBytes]]:
+    """(messages as the chat template takes them, the pictures in the order they appear)."""
+    out, images = [], []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        pictures = [part for part in content if _is_image(part)]
+        if len(pictures) > MAX_IMAGES:
+            raise GemmaChatError(f"{len(pictures)} images in one message; at most {MAX_IMAGES}")
+        images += [read_part(part) for part in pictures]
+        rest = [part for part in content if not _is_image(part)]
+        out.append({**message, "content": [{"type": "image"} for _ in pictures] + rest})
+    return out, images
+
+
+def has_images(messages) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(_is_image(p) for p in m["content"])
+        for m in messages
+    )
+
+
+def _is_image(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image"
+
+
+def read_part(part: dict) -> ImageBytes:
+    if isinstance(part.get("path"), str):
+        return read_image_file(part["path"])
+    if isinstance(part.get("url"), str):
+        return image_from_data_url(part["url"])
+    raise GemmaChatError('an image part needs "path" (a file) or "url" (a data: URL)')
