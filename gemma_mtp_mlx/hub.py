@@ -15,10 +15,12 @@ from typing import NamedTuple
 
 from .errors import GemmaChatError
 
-# What the text model reads. Never *.bin (pickles), *.gguf, *.onnx, or the processor and
-# image/audio configs of the multimodal repos.
+# What the model reads: the text model's files (the vision tower's weights are in the same
+# safetensors) and the processor config, which says a picture's soft-token budget. Never *.bin
+# (pickles), *.gguf, *.onnx, or the audio and video configs of the multimodal repos.
 TEXT_MODEL_FILES = [
     "config.json",
+    "processor_config.json",
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",

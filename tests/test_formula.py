@@ -46,6 +46,7 @@ def test_formula_has_the_required_pieces():
         "depends_on macos: :sonoma",
         'depends_on "mlx"',
         'depends_on "numpy"',
+        'depends_on "pillow"',
         "virtualenv_install_with_resources",
         'ENV["HF_HUB_OFFLINE"] = "1"',
         "--version",
@@ -70,7 +71,7 @@ def test_every_lock_entry_is_a_resource():
         assert url.startswith("https://files.pythonhosted.org/packages/"), url
         assert f"-{pin.version}." in url, (pin, url)
         assert re.fullmatch(r"[0-9a-f]{64}", sha)
-    for homebrew_formula in ("mlx", "mlx-metal", "numpy", "certifi"):
+    for homebrew_formula in ("mlx", "mlx-metal", "numpy", "pillow", "certifi"):
         assert homebrew_formula not in found
     assert {"mlx-lm", "huggingface-hub", "typer", "rich", "prompt-toolkit", "transformers"} <= set(
         found

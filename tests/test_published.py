@@ -186,7 +186,7 @@ def test_download_only_what_the_text_model_needs():
         "preprocessor_config.json", ".gitattributes", "original/consolidated.pth",
     ]
     kept = sorted(filter_repo_objects(repo, allow_patterns=TEXT_MODEL_FILES))
-    assert kept == sorted(repo[:8])
+    assert kept == sorted([*repo[:8], "processor_config.json"])
 
 
 @pytest.mark.parametrize(

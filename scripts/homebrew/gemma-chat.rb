@@ -16,13 +16,14 @@ class GemmaChat < Formula
   depends_on macos: :sonoma
   depends_on "mlx"
   depends_on "numpy"
+  depends_on "pillow"
   depends_on "protobuf"
   # Must be the Python the `mlx` formula is built for (its `def python3`): the venv imports mlx
   # from that formula's site-packages. Change it together with the mlx formula.
   depends_on "python@3.14"
   depends_on "sentencepiece"
 
-  pypi_packages exclude_packages: %w[certifi mlx mlx-metal numpy]
+  pypi_packages exclude_packages: %w[certifi mlx mlx-metal numpy pillow]
 
   resource "annotated-doc" do
     url "https://files.pythonhosted.org/packages/0b/7d/bdbf3062e5dae31da8b3de1e3269110beb93d268df4a7f6d22b167c6cee0/annotated_doc-0.0.7.tar.gz"

@@ -212,13 +212,14 @@ class GemmaChat < Formula
   depends_on macos: :sonoma
   depends_on "mlx"
   depends_on "numpy"
+  depends_on "pillow"
   depends_on "protobuf"
   # Must be the Python the `mlx` formula is built for (its `def python3`): the venv imports mlx
   # from that formula's site-packages. Change it together with the mlx formula.
   depends_on "python@3.14"
   depends_on "sentencepiece"
 
-  pypi_packages exclude_packages: %w[certifi mlx mlx-metal numpy]
+  pypi_packages exclude_packages: %w[certifi mlx mlx-metal numpy pillow]
 
 {resources}
   def install
