@@ -173,3 +173,29 @@ def test_text_chats_never_read_the_tower_and_text_checkpoints_refuse_pictures(se
     message = [{"role": "user", "content": [{"type": "image", "path": "x.png"}, {"type": "text", "text": "hi"}]}]
     with pytest.raises(GemmaChatError, match="has no vision tower: it cannot read images"):
         list(generate(text_only, message, max_tokens=3))
+
+
+@pytest.mark.parametrize("name", ["e2b", "dense"])
+def test_mtp_after_the_picture_is_plain_decoding(seeing, ckpt, name, tmp_path):
+    """The drafter reads the target's K/V over the pictures like any other positions: greedy
+    tokens with MTP are the plain ones, with drafts accepted (an echo drafter)."""
+    from fixtures import tiny_checkpoints as tiny
+    from gemma_mtp_mlx import generate
+    from tests.conftest import generated_ids, make_echo_drafter
+
+    drafter = tiny.make_assistant(tmp_path / "assistant", ckpt[name], centroids=False, hidden_size=64)
+    pair = load(str(seeing[name]), str(drafter))
+    pair.vision.set_budget(BUDGET)
+    make_echo_drafter(pair)
+    paths = []
+    for image in files():
+        paths.append(tmp_path / image.name)
+        paths[-1].write_bytes(image.data)
+    message = [{"role": "user", "content": [
+        {"type": "text", "text": "Which is larger?"},  # pictures go first whatever the order
+        *({"type": "image", "path": str(p)} for p in paths),
+    ]}]
+    plain = generated_ids(pair, message, max_tokens=40, mtp=False)
+    chunks = list(generate(pair, message, max_tokens=40, draft_tokens=3))
+    assert [t for c in chunks for t in c.token_ids] == plain
+    assert chunks[-1].stats.accepted > 0 and chunks[-1].stats.prompt_tokens == 168
