@@ -1,7 +1,7 @@
 """The one table of short model names: alias x precision -> (target repo, assistant repo).
 
 4- and 8-bit targets are the mlx-community conversions (made with mlx-vlm, vision tower
-included: the loader skips it), bf16 targets Google's originals. The drafters are published
+included: it loads on the first picture), bf16 targets Google's originals. The drafters are published
 in bf16 only, by mlx-community, and serve every precision of their size. The repo names come
 from public references, not from the hub itself: a wrong one is a one-line fix here.
 """

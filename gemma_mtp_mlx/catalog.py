@@ -28,6 +28,7 @@ class Row:
     estimate: memory.Estimate | None
     fits: bool | None  # None: the machine's memory or the estimate is unknown
     default: bool = False
+    vision: bool | None = None  # the checkpoint carries a vision tower (None: config unseen)
 
     @property
     def cached(self) -> bool:
@@ -56,6 +57,7 @@ class Row:
             "assistant_bytes": self.assistant_bytes,
             "memory_bytes": self.estimate.total if self.estimate else None,
             "context_tokens": self.estimate.context if self.estimate else None,
+            "vision": self.vision,
         }
 
 
@@ -84,11 +86,28 @@ def download_bytes(repo: str) -> int | None:
     return hub.local_size(folder) if folder else None
 
 
+def carries_vision(repo: str) -> bool | None:
+    """Whether the repo's config.json (the cache's, or the hub's when online) has a vision
+    tower; None when neither can be read."""
+    from .errors import GemmaChatError
+    from .loading import hub_config, read_config
+    from .models.multimodal import has_vision
+
+    folder = hub.cached_snapshot(repo)
+    try:
+        config = read_config(folder) if folder else hub_config(repo)
+    except GemmaChatError:  # a broken cached config: its row says "unknown"
+        return None
+    return None if config is None else has_vision(config)
+
+
 def rows(limit: memory.Limit | None) -> list[Row]:
     table = checkpoints()
     repos = sorted({r for cp in table for r in (cp.target, cp.assistant) if r})
+    targets = sorted({cp.target for cp in table})
     with ThreadPoolExecutor(max_workers=8) as pool:
         sizes = dict(zip(repos, pool.map(download_bytes, repos)))
+        vision = dict(zip(targets, pool.map(carries_vision, targets)))
     cached = {repo: hub.cached_snapshot(repo) is not None for repo in repos}
     default, _ = choose_default(limit)
     out = []
@@ -103,6 +122,7 @@ def rows(limit: memory.Limit | None) -> list[Row]:
             estimate=found,
             fits=fits(found, limit),
             default=cp == default,
+            vision=vision[cp.target],
         ))
     return out
 

@@ -69,6 +69,8 @@ def main_command(
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
     seed: Annotated[int | None, typer.Option("--seed", min=0, max=2**64 - 1)] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    image: Annotated[list[str] | None, typer.Option("--image", help="A picture (PNG, JPEG, WebP, GIF) for --prompt; repeat for more.")] = None,
+    image_tokens: Annotated[int | None, typer.Option("--image-tokens", help="Soft tokens per picture at most: 70, 140, 280, 560 or 1120. Default: the model's processor config (280).")] = None,
     think: Annotated[bool | None, typer.Option("--think/--no-think", help="Gemma 4's thinking channel (shown dimmed, kept out of the answer).")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Continue a conversation saved with /save (with its KV cache when it fits this model).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: encode the text as is.")] = False,
@@ -116,8 +118,9 @@ def main_command(
         text = None
         if prompt is not None:
             text = StdinText(err).decode(sys.stdin.buffer.read()) if prompt == "-" else prompt
-            if not text.strip():
+            if not text.strip() and not image:
                 raise GemmaChatError("the prompt is empty")
+        pictures = check_pictures(image or [], image_tokens, prompt=prompt, raw=raw)
         limit, context_tokens = check_load_options(
             model, precision, quantize, max_memory, draft_tokens, context
         )
@@ -133,6 +136,7 @@ def main_command(
                 "--context": context is not None,
                 "--prompt-file": prompt_file is not None,
                 "--resume": resume is not None,
+                "--image-tokens": image_tokens is not None,
             }
             given = [flag for flag, used in local_only.items() if used]
             if given:
@@ -150,8 +154,11 @@ def main_command(
 
                 read_transcript(Path(resume).expanduser())
             model, pair = _load(
-                err, model, None if no_mtp else drafter, precision, quantize, limit, context_tokens
+                err, model, None if no_mtp else drafter, precision, quantize, limit, context_tokens,
+                pictures=bool(pictures),
             )
+            if image_tokens is not None and pair.vision is not None:
+                pair.vision.set_budget(image_tokens)
             if pair.drafter is None and not no_mtp:
                 why = f" ({pair.drafter_note})" if pair.drafter_note else ""
                 err.print(f"warning: no MTP drafter for {model}{why}: plain decoding", style="yellow")
@@ -162,6 +169,8 @@ def main_command(
             if not answer_file(session, texts, batch=batch or 1, raw=raw, as_json=as_json, err=err):
                 raise typer.Exit(1)
         elif text is not None:
+            for picture in pictures:
+                session.attach(picture)
             one_shot(session, text, raw=raw, as_json=as_json, err=err)
         elif interactive:
             from .chat.repl import run_repl
@@ -242,6 +251,28 @@ def check_load_options(
     return limit, tokens
 
 
+def check_pictures(paths: list[str], budget: int | None, *, prompt: str | None, raw: bool) -> list:
+    """The --image files, read and decoded (each bad one is a line) before any weights move."""
+    from .images.files import decode, read_image_file
+    from .images.processor import check_budget
+    from .images.prompt import MAX_IMAGES
+
+    if budget is not None:
+        check_budget(budget)
+    if not paths:
+        return []
+    if prompt is None:
+        raise GemmaChatError("--image goes with --prompt (a chat takes /image; --prompt-file lines take no images)")
+    if raw:
+        raise GemmaChatError("--image needs the chat template: not with --raw")
+    if len(paths) > MAX_IMAGES:
+        raise GemmaChatError(f"{len(paths)} images in one message; at most {MAX_IMAGES}")
+    pictures = [read_image_file(p) for p in paths]
+    for picture in pictures:
+        decode(picture)
+    return pictures
+
+
 def parse_tokens(text: str) -> int | None:
     """'32768' or '32k' (k = 1,024) as a number of tokens; None when it is neither."""
     text = text.strip().lower()
@@ -251,12 +282,14 @@ def parse_tokens(text: str) -> int | None:
 
 
 def _load(err: Console, model: str | None, drafter: str | None, precision: str | None,
-          quantize: int | None, limit, context: int | None):
+          quantize: int | None, limit, context: int | None, *, pictures: bool = False):
     """(the model's name, the loaded pair). Without --model: the default that fits, said in
-    one line the first time (while it is not in the cache yet)."""
+    one line the first time (while it is not in the cache yet). With `pictures`, a checkpoint
+    on disk without a vision tower is refused before it loads."""
     from . import hub
     from .catalog import choose_default
-    from .loading import load_plan, plan
+    from .loading import load_plan, plan, read_config
+    from .models.multimodal import has_vision
 
     if model is None:
         chosen, why = choose_default(limit)
@@ -265,6 +298,8 @@ def _load(err: Console, model: str | None, drafter: str | None, precision: str |
             err.print(why)
     _blas_hint_once(err)
     p = plan(model, drafter, precision=precision)
+    if pictures and p.target.path is not None and not has_vision(read_config(p.target.path)):
+        raise GemmaChatError(f"{model} has no vision tower: it cannot read images")
     with err.status(f"loading {model}…", spinner="dots") if err.is_terminal and all(
         s is None or s.path is not None for s in (p.target, p.drafter)
     ) else nullcontext():
@@ -392,7 +427,10 @@ def scripted(session: Session, lines: Iterable[str], *, as_json: bool, err: Cons
             if command is not None:
                 err.print(_scripted_command(session, *command), style="dim", markup=False)
                 continue
-            turn = session.ask(commands.message(line))
+            text, attached = commands.attach_pasted(session, commands.message(line))
+            if attached:
+                err.print(attached, style="dim", markup=False)
+            turn = session.ask(text)
         except GemmaChatError as e:
             err.print(f"[bold red]error:[/] {escape(str(e))}")
             ok = False
@@ -483,7 +521,8 @@ def serve(
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Requests answered together (one target forward verifies them all); more wait in line.")] = 4,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a slot; more get 429.")] = 32,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Answer length for requests that set none.")] = 512,
-    max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", min=1024, help="Larger request bodies get 413.")] = 1 << 20,
+    max_request_bytes: Annotated[int | None, typer.Option("--max-request-bytes", min=1024, help="Larger request bodies get 413. Default: 1 MiB, 32 MiB for a model that reads images.")] = None,
+    allow_image_urls: Annotated[bool, typer.Option("--allow-image-urls", help="Fetch http(s) image_url parts (at most 20 MiB, 10 s each); otherwise only data: URLs are read.")] = False,
     shutdown_grace: Annotated[float, typer.Option("--shutdown-grace", min=0.0, metavar="SECONDS", help="On SIGTERM or Ctrl-C: how long answers under way may finish before they are ended.")] = 5.0,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also in the server's log).")] = False,
 ):
@@ -497,12 +536,12 @@ def serve(
         options = ServeOptions(
             batch=batch,
             queue=max_queue,
-            max_request_bytes=max_request_bytes,
             max_tokens=max_tokens,
             mtp=not no_mtp,
             draft_tokens=draft_tokens,
             shutdown_grace=shutdown_grace,
             debug=debug,
+            allow_image_urls=allow_image_urls,
         )
         limit, context_tokens = check_load_options(
             model, precision, quantize, max_memory, draft_tokens, context
@@ -510,6 +549,8 @@ def serve(
         model, pair = _load(
             err, model, None if no_mtp else drafter, precision, quantize, limit, context_tokens
         )
+        # A picture's data: URL is up to 20 MiB of file, a third more in base64.
+        options.max_request_bytes = max_request_bytes or (32 << 20 if pair.vision else 1 << 20)
         if not is_loopback(host):
             err.print(
                 f"warning: --host {host} opens the server beyond this machine: anyone who can reach it can use the model (no authentication)",

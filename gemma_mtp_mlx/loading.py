@@ -226,7 +226,7 @@ def _lazy_target(p: Plan, quantize: int | None) -> Model | None:
         if bits:
             config["quantization"] = {"group_size": 64, "bits": bits}
         return model_from_config(config, quantize=quantize)
-    config = _hub_config(p.target.repo)
+    config = hub_config(p.target.repo)
     if config is None:
         return None
     return model_from_config(config, quantize=quantize, name=f"{p.target.repo}/config.json")
@@ -241,11 +241,11 @@ def _lazy_drafter(p: Plan, target: Model) -> Assistant | None:
         from .models.configs import ASSISTANTS
 
         return assistant_from_config(ASSISTANTS[p.row.alias])
-    config = _hub_config(p.drafter.repo)
+    config = hub_config(p.drafter.repo)
     return assistant_from_config(config) if config else None
 
 
-def _hub_config(repo: str) -> dict | None:
+def hub_config(repo: str) -> dict | None:
     """A repo's config.json (a few KB, kept in the cache) when the hub or the cache has it."""
     from huggingface_hub import hf_hub_download
 
@@ -319,20 +319,21 @@ def load_plan(
     tokenizer = load_tokenizer(target_path)
     assistant = load_drafter(drafter_path, target) if drafter_path else None
     return Pair(target, assistant, tokenizer, target_path, drafter_path, drafter_note=note,
-                context=context, vision=vision_for(target_path))
+                context=context, vision=vision_for(target_path, limit))
 
 
-def vision_for(path: Path, budget: int | None = None):
+def vision_for(path: Path, limit: memory.Limit | None = None):
     """What the checkpoint in `path` needs to take pictures (no weights read), or None when it
-    has no vision tower."""
+    has no vision tower. `limit`: the memory the tower must fit in beside what is loaded."""
     from .images.vision import Vision
 
     config = read_config(path)
-    return Vision(path, config, budget) if has_vision(config) else None
+    return Vision(path, config, limit=limit) if has_vision(config) else None
 
 
-def load_image_encoder(path: Path) -> ImageEncoder:
-    """The vision tower and embedder of the checkpoint in `path`, quantised as stored."""
+def load_image_encoder(path: Path, limit: memory.Limit | None = None) -> ImageEncoder:
+    """The vision tower and embedder of the checkpoint in `path`, quantised as stored; refused
+    in one line when its weights and what MLX holds already would exceed `limit`."""
     config = read_config(path)
     encoder = ImageEncoder.from_config(config)
     weights = encoder.sanitize(read_weights(path))
@@ -352,6 +353,12 @@ def load_image_encoder(path: Path) -> ImageEncoder:
         encoder.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise GemmaChatError(f"the vision weights in {path} do not fit its config.json: {_short(e)}") from None
+    needs = memory.parameter_bytes(encoder)
+    if limit is not None and mx.get_active_memory() + needs > limit.bytes:
+        raise GemmaChatError(
+            f"the vision tower needs {memory.format_bytes(needs)} more, over the "
+            f"{memory.format_bytes(limit.bytes)} limit ({limit.why}) with the model loaded"
+        )
     mx.eval(every_array(encoder))
     return encoder
 

@@ -337,7 +337,7 @@ def test_scripted_chats_take_the_commands_that_need_no_terminal(tiny, tmp_path):
     answers = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(answers) == 3  # ... the other lines ran
     cached = answers[2]["stats"]["context_tokens"]  # where the reloaded chat started from
-    scripted_only = "(they take /reset, /system, /mtp, /think, /save, /save!, /load; //text sends /text)"
+    scripted_only = "(they take /reset, /system, /mtp, /think, /save, /save!, /load, /image; //text sends /text)"
     assert r.stderr.splitlines() == [
         "system prompt set",
         "thinking on",

@@ -168,6 +168,7 @@ def test_models_json_lists_every_alias_and_precision(published, offline_env, hub
     # Not cached and offline: size unknown; the real 31B in bf16 does not fit in 40 GiB.
     big = by[("31b", "bf16")]
     assert not big["cached"] and big["bytes"] is None and big["fits"] is False
+    assert default["vision"] is True and big["vision"] is None  # a config not seen offline
     assert by[("31b", "4bit")]["fits"] is True
     table = gemma("models", env=offline_env)
     assert table.exit_code == 0 and re.search(r"^e4b\* +4bit +mlx-community/gemma-4-e4b-it-4bit ", table.stdout, re.M)

@@ -199,3 +199,15 @@ def test_mtp_after_the_picture_is_plain_decoding(seeing, ckpt, name, tmp_path):
     chunks = list(generate(pair, message, max_tokens=40, draft_tokens=3))
     assert [t for c in chunks for t in c.token_ids] == plain
     assert chunks[-1].stats.accepted > 0 and chunks[-1].stats.prompt_tokens == 168
+
+
+def test_the_tower_loads_only_where_it_fits(seeing):
+    from gemma_mtp_mlx import memory
+    from gemma_mtp_mlx.errors import GemmaChatError
+
+    pair = load(str(seeing["e2b"]), drafter=None)
+    pair.vision.limit = memory.Limit(mx.get_active_memory() + 100, "a test")
+    image = pair.vision.prepare(files(1)[0])
+    with pytest.raises(GemmaChatError, match=r"^the vision tower needs .+ more, over the .+ limit \(a test\) with the model loaded$"):
+        pair.vision.encode(image)
+    assert not pair.vision.loaded

@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/verify": ("", "replay the last answer without MTP and compare the tokens"),
     "/save": ("FILE", "save the conversation (JSON) and its KV cache beside it, mode 0600 (/save! replaces a file that is not a session)"),
     "/load": ("FILE", "load a saved conversation (and its KV cache, when it fits)"),
+    "/image": ("PATH", "attach a picture to the next message (or paste or drop its path)"),
     "/quit": ("", "leave (also Ctrl-D)"),
 }
 _CHOICES = {
@@ -88,7 +89,7 @@ class SlashCompleter(Completer):
                 if command.startswith(name):
                     yield Completion(command, -len(name), display_meta=f"{hint} {what}".strip())
             return
-        if name in ("/save", "/save!", "/load"):
+        if name in ("/save", "/save!", "/load", "/image"):
             yield from self.paths.get_completions(Document(arg, len(arg)), event)
             return
         for choice in _CHOICES.get(name, ()):
@@ -220,6 +221,9 @@ class Repl:
     # -- a turn --------------------------------------------------------------------------------
     def ask(self, text: str) -> None:
         session = self.session
+        text, attached = commands.attach_pasted(session, text)
+        if attached:
+            self.note(attached)
         turn = session.ask(text)
         if turn.dropped:
             self.note(

@@ -24,15 +24,20 @@ tokenized whole.
 import os
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..engine.context import Context, PrefillStopped
 from ..engine.generate import generate
 from ..engine.stats import GenerationStats
 from ..errors import GemmaChatError
+from ..images.files import ImageBytes, read_image_file
+from ..images.processor import PreparedImage
+from ..images.prompt import MAX_IMAGES, ImagePrompt, expand_images, images_of
+from ..images.vision import vision_of
 from ..models.rollback import DEFAULT_SLACK, max_draft_tokens
 from .budget import count_tokens
+from .pictures import record, reread
 from .saved_cache import CacheRefused, cache_path, read_cache, write_cache
 from .thinking import ChannelSplitter, strip_channels
 from .transcript import Transcript, is_session, is_text, read_transcript, write_transcript
@@ -93,6 +98,7 @@ class Loaded:
     refused: str | None  # why a saved KV cache was not used
     dropped: int = 0  # oldest exchanges left out: they do not fit the context
     ids_refused: str | None = None  # why the transcript's token ids were not used
+    pictures: list[str] = field(default_factory=list)  # one line per picture left out
 
 
 @dataclass
@@ -249,6 +255,8 @@ class Session:
         )
         self.last: Turn | None = None
         self._carried: list[int] | None = None
+        self.attached: list[PreparedImage] = []  # pictures for the next message (/image)
+        self._pictures: dict[str, PreparedImage] = {}  # the conversation's, by digest
         self._turn_end = self._turn_end_ids()
         self._check_draft_tokens(self.settings.draft_tokens)
 
@@ -272,6 +280,10 @@ class Session:
         return "MTP parked (K = 0)" if k == 0 else f"MTP on, K = {k}"
 
     @property
+    def takes_pictures(self) -> bool:
+        return getattr(self.pair, "vision", None) is not None
+
+    @property
     def context_used(self) -> int:
         return len(self.context.tokens)
 
@@ -283,6 +295,7 @@ class Session:
         self.messages = []
         self._carried = None
         self.last = None
+        self.attached, self._pictures = [], {}
         self.context.reset()
 
     def set_system(self, text: str | None) -> None:
@@ -314,13 +327,36 @@ class Session:
         if k is not None and k > max_draft_tokens(self.context.slack):
             raise GemmaChatError(f"at most {max_draft_tokens(self.context.slack)} draft tokens")
 
+    # -- pictures ------------------------------------------------------------------------------
+    def attach(self, image: str | ImageBytes) -> PreparedImage:
+        """Read a picture (a path, or a file's bytes) for the next message."""
+        vision = vision_of(self.pair)
+        if len(self.attached) >= MAX_IMAGES:
+            raise GemmaChatError(f"at most {MAX_IMAGES} images in one message")
+        prepared = vision.prepare(read_image_file(image) if isinstance(image, str) else image)
+        self.attached.append(prepared)
+        return prepared
+
+    def _expand(self, ids: list[int], messages: list[dict]) -> list[int]:
+        """`ids` with the pictures of `messages` (in order) in place of the template's image
+        tokens."""
+        pictures = [self._pictures[p["sha256"]] for m in messages for p in m.get("images", ())]
+        if not pictures:
+            return ids
+        vision = vision_of(self.pair)
+        return expand_images(ids, pictures, vision.marks, vision.encode)
+
     # -- turns ---------------------------------------------------------------------------------
     def ask(self, text: str) -> Turn:
         """The next answer, to be iterated. Drops the oldest exchanges (keeping the system
         prompt) when the conversation leaves too little room for an answer (MIN_ANSWER_ROOM);
-        the answer gets the room that is left up to max_tokens."""
-        text = _message(text)
+        the answer gets the room that is left up to max_tokens. Pictures attached since the
+        last message go with this one."""
+        text = _valid(text).strip() if self.attached else _message(text)
         user = {"role": "user", "content": text}
+        if self.attached:
+            user["images"] = [record(p) for p in self.attached]
+            self._pictures.update((p.digest, p) for p in self.attached)
         limit = self.context.limit
         room = min(self.settings.max_tokens, MIN_ANSWER_ROOM)
         history, carried, dropped = list(self.messages), self._carried, 0
@@ -336,6 +372,7 @@ class Session:
             )
         if dropped:
             self.messages, self._carried = history, None
+        self.attached = []
         return Turn(
             self.pair,
             prompt,
@@ -380,6 +417,7 @@ class Session:
         if getattr(tokenizer, "chat_template", None) is None:
             raise GemmaChatError("this tokenizer has no chat template; use --raw")
         full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
+        full = [_template_message(m) for m in full]
         return tokenizer.apply_chat_template(
             full,
             add_generation_prompt=generation,
@@ -395,8 +433,8 @@ class Session:
         if carried is not None and history:
             before = self._render(history, generation=False)
             if full.startswith(before):
-                return carried + self._encode(full[len(before) :])
-        return self._encode(full)
+                return carried + self._expand(self._encode(full[len(before) :]), [user])
+        return self._expand(self._encode(full), history + [user])
 
     def _turn_end_ids(self) -> list[int] | None:
         """The tokens the template closes a model turn with (Gemma 4: `<turn|>\\n`)."""
@@ -494,6 +532,7 @@ class Session:
         context are kept."""
         path = Path(path).expanduser()
         transcript = read_transcript(path)
+        digest = transcript.digest()
         ids = self._usable_ids(transcript)
         messages, dropped = transcript.messages, 0
         if ids is None:
@@ -502,14 +541,18 @@ class Session:
         if transcript.think is not None:
             self.settings.think = transcript.think
         self._carried, self.last = None, None
+        self.attached, self._pictures = [], {}
+        left_out = self._find_pictures()
         self.context.reset()
         refused = None
         kv = cache_path(path)
         if dropped:
             refused = "the conversation was cut to fit the context" if kv.is_file() else None
+        elif kv.is_file() and left_out:
+            refused = "it holds a picture that is left out"
         elif kv.is_file():
             try:
-                saved = read_cache(kv, self.pair, self.context.slack, transcript.digest())
+                saved = read_cache(kv, self.pair, self.context.slack, digest)
             except CacheRefused as e:
                 refused = str(e)
             else:
@@ -517,8 +560,13 @@ class Session:
                 self._carried = saved.carried
         if self._carried is None:
             self._carried = ids  # the very tokens a cache would have held
+        self._carried = self._placing_pictures(self._carried, left_out)
+        if self._carried is not None:  # the cache holds these pictures where they are
+            held = len(self.context.tokens)
+            self.context.images = [b for b in images_of(self._carried) if b[0] < held]
         return Loaded(
-            len(self.messages), len(self.context.tokens), refused, dropped, transcript.ids_refused
+            len(self.messages), len(self.context.tokens), refused, dropped,
+            transcript.ids_refused, left_out,
         )
 
     def _usable_ids(self, transcript: Transcript) -> list[int] | None:
@@ -543,6 +591,55 @@ class Session:
             if left >= 0:
                 start -= 2
         return messages[start:], start // 2
+
+    def _find_pictures(self) -> list[str]:
+        """Read again the pictures a loaded transcript names; each one missing, changed or
+        unreadable leaves its message (one line each says so)."""
+        notes = []
+        for message in self.messages:
+            kept = []
+            for entry in message.get("images", ()):
+                vision = getattr(self.pair, "vision", None)
+                if vision is None:
+                    image, why = None, f"{self.pair.name} cannot read images: {entry['path']} is left out"
+                else:
+                    image, why = reread(entry, vision)
+                if image is None:
+                    notes.append(why)
+                    continue
+                self._pictures[image.digest] = image
+                kept.append(entry)
+            if "images" in message:
+                message["images"] = kept
+                if not kept:
+                    del message["images"]
+        return notes
+
+    def _placing_pictures(self, ids: list[int] | None, left_out: list[str]) -> list[int] | None:
+        """Saved token ids with the conversation's pictures placed in them (an `ImagePrompt`),
+        so that a prefill of them reads the pictures, not their placeholder tokens; None when
+        they cannot be placed (a picture left out, ids that do not hold them): the
+        conversation is then encoded again from its messages."""
+        pictures = [self._pictures[p["sha256"]] for m in self.messages for p in m.get("images", ())]
+        if ids is None or not (pictures or left_out):
+            return ids
+        if left_out:
+            return None
+        marks, spans, at = vision_of(self.pair).marks, [], 0
+        for picture in pictures:
+            n = picture.tokens
+            found = next(
+                (i for i in range(at, len(ids) - n - 1)
+                 if ids[i] == marks.begin and ids[i + n + 1] == marks.end
+                 and all(t == marks.image for t in ids[i + 1 : i + n + 1])),
+                None,
+            )
+            if found is None:
+                return None
+            spans.append(found + 1)
+            at = found + n + 2
+        vision = vision_of(self.pair)
+        return ImagePrompt(ids, pictures, spans, vision.marks, vision.encode)
 
     def _keep_only_what_the_next_turn_reuses(self) -> None:
         """Roll the cache back to where it parts from the conversation's tokens: the last
@@ -570,6 +667,14 @@ def _valid(text: str) -> str:
     if not is_text(text):
         raise GemmaChatError("the message is not valid text (it holds undecodable bytes)")
     return text
+
+
+def _template_message(message: dict) -> dict:
+    """A message as the chat template takes it: its pictures as image parts before its text."""
+    if not message.get("images"):
+        return {"role": message["role"], "content": message["content"]}
+    parts = [{"type": "image"} for _ in message["images"]]
+    return {"role": message["role"], "content": [*parts, {"type": "text", "text": message["content"]}]}
 
 
 def _drop_oldest(history: list[dict]) -> list[dict]:

@@ -30,7 +30,8 @@ MAX_SESSION_BYTES = 64 << 20
 class Transcript:
     system: str | None
     think: bool | None  # None: the file does not say
-    messages: list[dict]  # user and assistant turns, alternating, the user first
+    messages: list[dict]  # user and assistant turns, alternating, the user first; a user
+    # turn's pictures under "images" (chat/pictures.py)
     model: str | None = None  # the model it was saved with, for people reading the file
     token_ids: list[int] | None = None  # the conversation as the model read it, when known
     ids_refused: str | None = None  # why the file's token ids are not used
@@ -116,6 +117,10 @@ def parse_transcript(data, path: Path) -> Transcript:
         if role != expected:
             raise bad(f"message {i} is a second {role} turn in a row; turns alternate")
         messages.append({"role": role, "content": m["content"]})
+        if "images" in m:
+            if role != "user" or not _picture_records(m["images"]):
+                raise bad(f"message {i} has images that are not a list of path, sha256, tokens")
+            messages[-1]["images"] = m["images"]
     if messages and messages[-1]["role"] == "user":
         raise bad("the last user message has no answer")
     if system is not None and not (isinstance(system, str) and is_text(system)):
@@ -144,6 +149,16 @@ def is_session(path: Path) -> bool:
     except GemmaChatError:
         return False
     return True
+
+
+def _picture_records(images) -> bool:
+    """A user message's pictures as chat/pictures.py records them."""
+    return isinstance(images, list) and all(
+        isinstance(p, dict) and isinstance(p.get("path"), str) and is_text(p["path"])
+        and isinstance(p.get("sha256"), str) and len(p["sha256"]) == 64
+        and isinstance(p.get("tokens"), int)
+        for p in images
+    )
 
 
 def is_text(s: str) -> bool:

@@ -25,10 +25,13 @@ class Chunk:
     round: RoundStats | None = None  # the round that produced this chunk (None: the prefill)
 
 
-def encode_prompt(tokenizer, prompt, *, raw: bool = False, vision=None) -> list[int]:
+def encode_prompt(
+    tokenizer, prompt, *, raw: bool = False, vision=None, thinking: bool = False, fetch=None
+) -> list[int]:
     """A string (chat-templated unless `raw`), a list of chat messages, or token ids. Thinking
     is passed explicitly: mlx-lm's wrapper would switch it on for Gemma 4 otherwise. Messages
-    with image parts need `vision` (the pair's) and give an `ImagePrompt`."""
+    with image parts need `vision` (the pair's) and give an `ImagePrompt`; `fetch` reads
+    http(s) image URLs where they are allowed."""
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return prompt if isinstance(prompt, ImagePrompt) else list(prompt)
     if isinstance(prompt, str) and raw:
@@ -36,12 +39,12 @@ def encode_prompt(tokenizer, prompt, *, raw: bool = False, vision=None) -> list[
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if tokenizer.chat_template is None:
         raise GemmaChatError("this tokenizer has no chat template; use --raw")
-    messages, images = split_images(messages)
+    messages, images = split_images(messages, fetch)
     if images and vision is None:
         raise GemmaChatError("this model has no vision tower: it cannot read images")
     prepared = [vision.prepare(image) for image in images]
     ids = list(tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, enable_thinking=False
+        messages, add_generation_prompt=True, tokenize=True, enable_thinking=thinking
     ))
     return expand_images(ids, prepared, vision.marks, vision.encode) if images else ids
 

@@ -17,7 +17,7 @@ from ..errors import GemmaChatError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 MAX_BYTES = 20 * 2**20  # as OpenAI's API allows per image
-MAX_PIXELS = 8192 * 8192  # a 64-megapixel photo decodes to 192 MiB of RGB
+MAX_PIXELS = 64_000_000  # a 64-megapixel photo decodes to 192 MB of RGB
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,14 @@ def image_from_data_url(url: str, name: str = "the image") -> ImageBytes:
     except (binascii.Error, ValueError):
         raise GemmaChatError(f"{name}: the data: URL is not valid base64") from None
     return ImageBytes(data, name)
+
+
+def data_url(image: ImageBytes) -> str:
+    """The picture as a `data:` URL (what `--endpoint` sends a server)."""
+    from PIL import Image
+
+    kind = Image.open(io.BytesIO(image.data), formats=FORMATS).format.lower()
+    return f"data:image/{kind};base64," + base64.b64encode(image.data).decode("ascii")
 
 
 def decode(image: ImageBytes):

@@ -8,8 +8,9 @@ from .files import ImageBytes, image_from_data_url, read_image_file
 from .prompt import MAX_IMAGES
 
 
-def split_images(messages: list[dict]) -> tuple[list[dict], list[ImageBytes]]:
-    """(messages as the chat template takes them, the pictures in the order they appear)."""
+def split_images(messages: list[dict], fetch=None) -> tuple[list[dict], list[ImageBytes]]:
+    """(messages as the chat template takes them, the pictures in the order they appear).
+    `fetch` reads http(s) URLs (a server that allows them); without it they are refused."""
     out, images = [], []
     for message in messages:
         content = message.get("content")
@@ -19,7 +20,7 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list[ImageBytes]]:
         pictures = [part for part in content if _is_image(part)]
         if len(pictures) > MAX_IMAGES:
             raise GemmaChatError(f"{len(pictures)} images in one message; at most {MAX_IMAGES}")
-        images += [read_part(part) for part in pictures]
+        images += [read_part(part, fetch) for part in pictures]
         rest = [part for part in content if not _is_image(part)]
         out.append({**message, "content": [{"type": "image"} for _ in pictures] + rest})
     return out, images
@@ -37,9 +38,17 @@ def _is_image(part) -> bool:
     return isinstance(part, dict) and part.get("type") == "image"
 
 
-def read_part(part: dict) -> ImageBytes:
+def read_part(part: dict, fetch=None) -> ImageBytes:
     if isinstance(part.get("path"), str):
         return read_image_file(part["path"])
-    if isinstance(part.get("url"), str):
-        return image_from_data_url(part["url"])
+    url = part.get("url")
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        if fetch is None:
+            raise GemmaChatError(
+                "image URLs over http(s) are not fetched here: send the picture as a data: URL"
+                " (a server started with --allow-image-urls fetches them)"
+            )
+        return fetch(url)
+    if isinstance(url, str):
+        return image_from_data_url(url)
     raise GemmaChatError('an image part needs "path" (a file) or "url" (a data: URL)')

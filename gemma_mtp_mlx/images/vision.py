@@ -1,6 +1,7 @@
 """What a loaded pair needs to take pictures: how its checkpoint marks them, the processor's
 geometry and soft-token budget, and the vision tower, read from the checkpoint on the first
-picture only (a chat without pictures never reads those weights).
+picture only (a chat without pictures never reads those weights), if it fits in the memory
+limit the pair was loaded under.
 
 `pair.vision` is a `Vision` for a checkpoint that carries a vision tower and None otherwise;
 `vision_of(pair)` says in one line why a pair takes no pictures.
@@ -18,8 +19,9 @@ from .processor import Geometry, PreparedImage, check_budget, prepare, processor
 
 
 class Vision:
-    def __init__(self, folder: Path, config: dict, budget: int | None = None):
+    def __init__(self, folder: Path, config: dict, budget: int | None = None, *, limit=None):
         self.folder = folder
+        self.limit = limit  # memory.Limit the tower must fit in beside the loaded model
         self.marks = ImageTokens.from_config(config)
         self.geometry = Geometry.from_checkpoint(config, folder, budget)
         self._encoder = None
@@ -48,7 +50,7 @@ class Vision:
             if self._encoder is None:
                 from ..loading import load_image_encoder
 
-                self._encoder = load_image_encoder(self.folder)
+                self._encoder = load_image_encoder(self.folder, self.limit)
             return self._encoder
 
     def encode(self, image: PreparedImage) -> mx.array:

@@ -33,10 +33,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..chat.budget import count_tokens
+from ..engine.generate import encode_prompt
+from ..errors import GemmaChatError
+from ..images.fetch import fetch_image
+from ..images.messages import has_images
 from .answer_text import AnswerText
 from .failures import Failures
 from .limits import BodyLimit
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse, unsupported
 from .scheduler import Busy, Job, Sampling, Scheduler, ShuttingDown
 
 # What `usage.speculative` carries of an answer's GenerationStats.
@@ -64,6 +68,7 @@ class ServeOptions:
     shutdown_grace: float = 5.0  # seconds answers under way get to finish on SIGTERM or Ctrl-C
     read_timeout: float = 30.0  # seconds a client may take over its request head or a body part
     debug: bool = False  # tracebacks in the log
+    allow_image_urls: bool = False  # fetch http(s) image_url parts (else data: URLs only)
 
 
 @dataclass
@@ -152,19 +157,35 @@ class Api:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions")
         messages = req.chat_messages()
-        self._check_length([m["content"] for m in messages], "messages")
+        self._check_length([text_of(m["content"]) for m in messages], "messages")
         try:
-            prompt = list(
-                self.tokenizer.apply_chat_template(
-                    messages,
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    enable_thinking=req.thinking,
+            if has_images(messages):
+                # Decoding and resizing pictures (maybe fetching them) is not the event loop's work.
+                prompt = await asyncio.to_thread(self._with_pictures, messages, req.thinking)
+            else:
+                prompt = list(
+                    self.tokenizer.apply_chat_template(
+                        messages,
+                        add_generation_prompt=True,
+                        tokenize=True,
+                        enable_thinking=req.thinking,
+                    )
                 )
-            )
         except TemplateError as e:
             raise ApiError(400, f"the chat template refused the messages: {e}", param="messages") from None
         return await self._answer(request, req, prompt, "chat.completion")
+
+    def _with_pictures(self, messages: list[dict], thinking: bool) -> list[int]:
+        vision = getattr(self.pair, "vision", None)
+        if vision is None:
+            raise unsupported("messages", f"{self.model_name} has no vision tower: it cannot read images")
+        fetch = fetch_image if self.options.allow_image_urls else None
+        try:
+            return encode_prompt(
+                self.tokenizer, messages, vision=vision, thinking=thinking, fetch=fetch
+            )
+        except GemmaChatError as e:
+            raise ApiError(400, str(e), param="messages") from None
 
     async def completions(self, request: Request) -> Response:
         req = parse(CompletionRequest, await _json(request))
@@ -257,6 +278,7 @@ class Api:
             "owned_by": "gemma-chat",
             "max_model_len": self.context_limit,
             "mtp": self.mtp,
+            "input_modalities": ["text", "image"] if getattr(self.pair, "vision", None) else ["text"],
         }
 
 
@@ -418,6 +440,13 @@ class Reply:
 
 def shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down", type="server_error", code="server_shutting_down")
+
+
+def text_of(content: str | list[dict]) -> str:
+    """A message's text, without its pictures' parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content if p.get("type") == "text")
 
 
 async def _json(request: Request):

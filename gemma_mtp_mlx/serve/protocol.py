@@ -103,21 +103,28 @@ class Message(BaseModel):
     role: str
     content: str | list[dict] | None = None
 
-    def text(self, index: int) -> str:
-        """The content as one string; only text parts are accepted."""
+    def text(self, index: int) -> str | list[dict]:
+        """The content as one string, or with pictures (OpenAI `image_url` parts, a user's
+        only) as `{"type": "image", "url"}` parts before the text, as images/messages.py
+        takes them."""
         if isinstance(self.content, str):
             return self.content
         if self.content is None:
             raise ApiError(400, f"message {index} has no content", param=f"messages.{index}.content")
-        texts = []
+        texts, images = [], []
         for part in self.content:
+            url = (part.get("image_url") or {}).get("url") if part.get("type") == "image_url" else None
+            if isinstance(url, str) and self.role == "user":
+                images.append({"type": "image", "url": url})
+                continue
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise unsupported(
                     f"messages.{index}.content", f"content parts of type {part.get('type')!r}"
-                    " are not supported (text only)"
+                    " are not supported (text, and image_url in user messages)"
                 )
             texts.append(part["text"])
-        return "".join(texts)
+        text = "".join(texts)
+        return [*images, {"type": "text", "text": text}] if images else text
 
 
 class ChatCompletionRequest(_Request):

@@ -28,6 +28,7 @@ from rich.text import Text
 
 from ..chat.session import Settings, Update
 from ..errors import GemmaChatError
+from ..images.files import ImageBytes, data_url, decode, read_image_file
 from .vllm_metrics import SpecCounters, spec_counters
 
 OURS, VLLM, OTHER = "gemma-chat", "vllm", "other"  # what /v1/models' `owned_by` says
@@ -156,6 +157,10 @@ class RemoteSession:
         extra = card.model_extra or {}
         self.context_limit: int | None = extra.get("max_model_len")
         self.server_mtp: bool | None = extra.get("mtp") if self.kind == OURS else None
+        # Servers that say what their model reads (ours, OpenRouter's style) are believed.
+        modalities = extra.get("input_modalities")
+        self.takes_pictures = not isinstance(modalities, list) or "image" in modalities
+        self.attached: list[ImageBytes] = []  # pictures for the next message, sent as data: URLs
 
     def _model_card(self, wanted: str | None):
         try:
@@ -198,6 +203,17 @@ class RemoteSession:
 
     def reset(self) -> None:
         self.messages, self.last, self.context_used = [], None, 0
+        self.attached = []
+
+    def attach(self, image: str | ImageBytes) -> ImageBytes:
+        """A picture for the next message, checked here (a bad file is one line, not the
+        server's refusal) and sent as a data: URL."""
+        if not self.takes_pictures:
+            raise GemmaChatError(f"{self.model_name} at {self.url} does not read images")
+        picture = read_image_file(image) if isinstance(image, str) else image
+        decode(picture)
+        self.attached.append(picture)
+        return picture
 
     def verify(self):
         raise GemmaChatError(
@@ -214,9 +230,13 @@ class RemoteSession:
     # -- turns -------------------------------------------------------------------------------
     def ask(self, text: str) -> "RemoteTurn":
         text = text.strip()
-        if not text:
+        if not text and not self.attached:
             raise GemmaChatError("empty message")
         user = {"role": "user", "content": text}
+        if self.attached:
+            parts = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in self.attached]
+            user["content"] = [*parts, {"type": "text", "text": text}]
+            self.attached = []
         system = [{"role": "system", "content": self.system}] if self.system else []
         return RemoteTurn(self, {"messages": system + self.messages + [user]}, user)
 
