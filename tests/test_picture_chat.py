@@ -198,3 +198,14 @@ def test_a_picture_over_the_context_is_one_line(seeing, ckpt, photos, env):
     assert one_line(r).endswith("tokens with the chat template; the context holds 1024")
     chat = gemma("--image", str(photos["cat"]), input="hi\n", env=env)
     assert one_line(chat) == "error: --image goes with --prompt (a chat takes /image; --prompt-file lines take no images)"
+
+
+def test_a_session_whose_picture_records_are_broken_is_refused(seeing_pair, tmp_path):
+    from gemma_mtp_mlx.errors import GemmaChatError
+
+    path = tmp_path / "bad.json"
+    messages = [{"role": "user", "content": "hi", "images": [{"path": 3}]},
+                {"role": "assistant", "content": "hello"}]
+    path.write_text(json.dumps({"messages": messages}))
+    with pytest.raises(GemmaChatError, match=r"\(message 0 has images that are not a list of path, sha256, tokens\)$"):
+        Session(seeing_pair).load(path)

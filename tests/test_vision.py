@@ -211,3 +211,45 @@ def test_the_tower_loads_only_where_it_fits(seeing):
     with pytest.raises(GemmaChatError, match=r"^the vision tower needs .+ more, over the .+ limit \(a test\) with the model loaded$"):
         pair.vision.encode(image)
     assert not pair.vision.loaded
+
+
+def test_a_quantised_tower_loads_as_stored(published, tmp_path):
+    """A conversion that quantises the tower (scales beside its linears, their bits and group
+    in the config's per-module entries) loads those modules quantised; its soft tokens stay
+    within 8-bit rounding of the unquantised tower's."""
+    import json
+    import shutil
+
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from gemma_mtp_mlx.models.multimodal import ImageEncoder
+
+    folder = shutil.copytree(published["e2b-4bit"], tmp_path / "quantised-tower")
+    config = json.loads((folder / "config.json").read_text())
+    weights = dict(mx.load(str(folder / "model.safetensors")))
+    encoder = ImageEncoder.from_config(config)
+    encoder.load_weights(list(encoder.sanitize(weights).items()))
+    quantised = []
+
+    def pick(path, module):
+        if isinstance(module, nn.Linear) and module.weight.shape[-1] % 32 == 0:
+            quantised.append(path)
+            return True
+        return False
+
+    nn.quantize(encoder, group_size=32, bits=8, class_predicate=pick)
+    text = {k: v for k, v in weights.items() if not k.startswith(("vision_tower.", "embed_vision."))}
+    mx.save_safetensors(str(folder / "model.safetensors"), text | dict(tree_flatten(encoder.parameters())))
+    config["quantization"].update({p: {"group_size": 32, "bits": 8} for p in quantised})
+    (folder / "config.json").write_text(json.dumps(config))
+
+    image = files(1)[0]
+    pair, plain = load(str(folder), drafter=None), load(str(published["e2b-4bit"]), drafter=None)
+    for p in (pair, plain):
+        p.vision.set_budget(BUDGET)
+    ours = np.array(pair.vision.encode(pair.vision.prepare(image)))
+    assert isinstance(pair.vision.encoder().vision_tower.encoder.layers[0].mlp.down_proj.linear, nn.QuantizedLinear)
+    assert len(quantised) == 2 * 7 + 1  # every encoder linear and the embedder; not the patch input (48)
+    ref = np.array(plain.vision.encode(plain.vision.prepare(image)))
+    assert 0 < np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
