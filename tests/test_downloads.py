@@ -21,7 +21,7 @@ from gemma_mtp_mlx.memory import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET, ASSISTANT = "mlx-community/gemma-4-e4b-it-4bit", "mlx-community/gemma-4-E4B-it-assistant-bf16"
-JUNK = ("pytorch_model.bin", "model.gguf", "onnx/model.onnx", "README.md", "processor_config.json")
+JUNK = ("pytorch_model.bin", "model.gguf", "onnx/model.onnx", "README.md", "preprocessor_config.json")
 
 
 @pytest.fixture
@@ -73,7 +73,6 @@ def test_the_first_run_says_the_size_then_fetches_only_the_text_model(repos, pub
         assert snapshot_files(tmp_path / "cache", TARGET) == sorted(
             p.name for p in published["e4b-4bit"].iterdir()
             if p.suffix in (".json", ".safetensors", ".jinja")
-            and p.name not in ("processor_config.json",)
         )
         # Online, `models` reads the sizes from the hub's file metadata.
         code, out, _ = run("models", "--json", env=env)

@@ -55,7 +55,7 @@ def image_prompt(pair, images: list[ImageBytes], text: str = "What is in the pic
 def all_logits(pair, prompt) -> np.ndarray:
     """Every position's logits, the prompt in one forward through the prefill's own inputs."""
     ctx = Context(pair.target)
-    ids, cache, extra = ctx._chunk_inputs(prompt, 0, len(prompt), {})
+    ids, cache, extra = ctx.model_inputs(prompt, 0, len(prompt), {})
     return np.array(pair.target(ids, cache, **extra)[0])
 
 

@@ -113,7 +113,7 @@ class Context:
         while i < len(tokens):
             end = chunk_end(i, len(tokens), blocks)
             chunk = tokens[i:end]
-            ids, cache, extra = self._chunk_inputs(tokens, i, end, features)
+            ids, cache, extra = self.model_inputs(tokens, i, end, features)
             if end < len(tokens):
                 self.target.model(ids, cache, **extra)
                 mx.eval(self._arrays())
@@ -132,13 +132,13 @@ class Context:
         return logits, hidden, len(tokens) - start
 
     def _same_pictures_until(self, blocks: list[tuple[int, int, str]]) -> int:
-        """Where the held pictures and a prompt's first part: a picture in one that the other
-        does not hold at the same place."""
+        """Where what the context holds and a prompt part ways because of pictures: the first
+        picture in one that the other does not hold at the same place."""
         held, new = set(self.images), set(blocks)
         differ = [b[0] for b in blocks if b not in held] + [b[0] for b in self.images if b not in new]
         return min(differ, default=len(self.tokens))
 
-    def _chunk_inputs(self, tokens, i: int, end: int, features: dict):
+    def model_inputs(self, tokens, i: int, end: int, features: dict):
         """The model's inputs for tokens[i:end]: ids, caches, and for a chunk with pictures in
         it the embeddings (soft tokens where the pictures are) and, where the checkpoint asks,
         sliding caches that let each picture see itself both ways."""
