@@ -199,6 +199,12 @@ def test_mtp_after_the_picture_is_plain_decoding(seeing, ckpt, name, tmp_path):
     chunks = list(generate(pair, message, max_tokens=40, draft_tokens=3))
     assert [t for c in chunks for t in c.token_ids] == plain
     assert chunks[-1].stats.accepted > 0 and chunks[-1].stats.prompt_tokens == 168
+    if name == "dense":  # a batch: the row with the pictures decodes beside a text row
+        from gemma_mtp_mlx.engine.batch import generate_batch
+
+        text = generated_ids(pair, "Which is larger?", max_tokens=40, mtp=False)
+        rows = dict(generate_batch(pair, [message, "Which is larger?"], max_tokens=40, draft_tokens=3))
+        assert [rows[0].token_ids, rows[1].token_ids] == [plain, text]
 
 
 def test_the_tower_loads_only_where_it_fits(seeing):

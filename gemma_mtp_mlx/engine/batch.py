@@ -66,7 +66,9 @@ def generate_batch(
                     pair, temperature=temperature, top_p=top_p, top_k=top_k,
                     seed=base_seed + i, ignore_eos=ignore_eos,
                 )
-                tokens = encode_prompt(pair.tokenizer, prompts[i], raw=raw)
+                tokens = encode_prompt(
+                    pair.tokenizer, prompts[i], raw=raw, vision=getattr(pair, "vision", None)
+                )
                 emitted = decoder.add(tokens, sampler, max_tokens=limits[i], stop=stop)
                 running[emitted.stream] = (i, [])
                 finished.append(record(emitted))
