@@ -106,6 +106,14 @@ def test_scripted_chat_with_pictures_save_and_resume(seeing, ckpt, photos, env, 
     assert f"{photos['dog']} changed since it was saved: the conversation goes on without it" in changed.stderr
     assert "its saved KV cache is not used: it holds a picture that is left out" in changed.stderr
 
+    # Without its KV cache: the saved token ids, with the pictures read again in their places.
+    (tmp_path / "talk.json.kv.safetensors").unlink()
+    again = run_chat(seeing, ckpt, env, "And now?\n", "--resume", str(saved))
+    assert "loaded 4 messages; the next answer prefills the conversation" in again.stderr
+    fresh = json.loads(again.stdout)
+    assert fresh["stats"]["prompt_tokens"] > 60 + 65
+    assert fresh["token_ids"] == json.loads(resumed.stdout)["token_ids"]
+
 
 def test_the_interactive_chat_attaches_and_counts_pictures(seeing_pair, photos):
     session = Session(seeing_pair, Settings(max_tokens=6), model_name="tiny")
