@@ -10,6 +10,7 @@ and exit 1 (typer's usage errors exit 2); `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -80,12 +81,20 @@ def main_command(
     api_key_env: Annotated[str | None, typer.Option("--api-key-env", help="With --endpoint: the environment variable that holds the server's API key.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, metavar="SECONDS", help="With --endpoint: how long to wait for the server's first token, or the next one (default 60).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per answer.")] = False,
+    forget_costs: Annotated[bool, typer.Option("--forget-costs", help="Forget the decoding costs earlier runs measured on this machine (the meter and the draft policy start over); then answer --prompt or --prompt-file, if given.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Say on stderr what gemma-chat starts from (e.g. stored costs, or why they were ignored).")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
 ):
     """Without --prompt: the interactive chat on a terminal, or one answer per input line when
     stdin is a pipe or a file."""
     leave_a_core_to_the_host()  # every command, before a model runs (blas.py says why)
+    if verbose:
+        _show_notes(ctx)
+    if forget_costs:
+        _forget_costs()
+        if ctx.invoked_subcommand is None and prompt is None and prompt_file is None:
+            raise typer.Exit(0)
     if ctx.invoked_subcommand is not None:
         return
     from .chat.session import Session, Settings
@@ -191,6 +200,37 @@ def main_command(
         raise
     except Exception as e:  # anything unexpected still gets one line unless --debug
         _fail(err, f"{type(e).__name__}: {e}", debug)
+
+
+class _Notes(logging.Handler):
+    """gemma-chat's notes (the "gemma_chat" loggers), one line each on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def _show_notes(ctx: typer.Context) -> None:
+    """--verbose: the engine's notes on stderr for this command."""
+    logger, handler = logging.getLogger("gemma_chat"), _Notes()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def stop():
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    ctx.call_on_close(stop)
+
+
+def _forget_costs() -> None:
+    from .engine.stored_costs import costs_path, forget
+
+    err = stderr_console()
+    if forget() is None:
+        err.print(f"no stored costs to forget ({costs_path()})", style="dim", markup=False)
+    else:
+        err.print(f"forgot the stored costs ({costs_path()}): the meter and the policy start over", style="dim", markup=False)
 
 
 def stdout_console() -> Console:

@@ -23,6 +23,15 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, tol: float = 1e-4):
     assert err < tol, f"relative error {err:.2e}"
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch) -> Path:
+    """No test reads or writes the user's cache folder (the costs a pair learned persist there,
+    engine/stored_costs.py): each test gets an empty one of its own."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> dict[str, Path]:
     """targets: "e2b" | "moe" | "dense"; drafters: "<shape>-assistant" (dense head) and

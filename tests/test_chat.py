@@ -381,7 +381,7 @@ def test_meter_shows_measured_figures_only():
         decoded_tokens=40, decode_seconds=2.0, rounds=20, drafted=60, accepted=30
     )
     line = meter_text(stats, mtp=True, draft=3, context_used=1234, context_limit=131072).plain
-    assert "20.0 tok/s" in line and "baseline: measuring…" in line and "×" not in line
+    assert "20.0 tok/s" in line and "measuring baseline…" in line and "×" not in line
     assert "accepted 50%" in line and "2.00 tok/forward" in line and "draft K=3" in line
     assert "context 1,234/131,072" in line
     stats.baseline_steps, stats.baseline_seconds = 3, 0.3

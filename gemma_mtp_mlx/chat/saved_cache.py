@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from ..engine.context import Context
 from ..models.cache import SlidingWindowCache
+from ..models.fingerprint import fingerprint
 from .private_files import write_private
 
 FORMAT = "gemma-chat.kv-cache"
 VERSION = 1
-_SAMPLES = 64  # values sampled from each tensor for the fingerprint
 
 
 class CacheRefused(Exception):
@@ -47,20 +46,6 @@ class SavedCache:
 
 def cache_path(transcript: Path) -> Path:
     return transcript.with_name(transcript.name + ".kv.safetensors")
-
-
-def fingerprint(model, chat_template: str | None = None) -> str:
-    """The identity of a model's numbers: every parameter's name, shape, dtype and a strided
-    sample of its values (hashing all of an 8 GB model would take seconds)."""
-    named = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
-    samples = [p.reshape(-1)[:: max(1, p.size // _SAMPLES)] for _, p in named]
-    samples = [mx.contiguous(s) for s in samples]
-    mx.eval(samples)
-    h = hashlib.sha256((chat_template or "").encode())
-    for (name, p), sample in zip(named, samples):
-        h.update(f"{name}:{p.shape}:{p.dtype};".encode())
-        h.update(memoryview(sample))
-    return h.hexdigest()
 
 
 def target_identity(pair) -> str:

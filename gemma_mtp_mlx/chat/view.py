@@ -78,7 +78,7 @@ def meter_text(
             earlier = " earlier" if stats.baseline_is_earlier else ""
             parts.append(f"baseline {base:.1f} tok/s measured{earlier}")
         else:
-            parts.append("baseline: measuring…")
+            parts.append("measuring baseline…")
         if speedup:
             parts.append(f"{speedup:.2f}×")
         if stats and stats.acceptance_rate is not None:

@@ -31,6 +31,12 @@ adding to the pool. Only warm rounds are held against the plain step: an answer'
 after its prefill run slower, and taken for the rounds after a measurement they made it look
 cheap (at Gemma 4's shapes, baselines 12-14 % high).
 
+What a pair has learned outlives the process (engine/stored_costs.py): a fresh process starts
+from the plain step, the pooled ratios, the round costs and what rounds cost just after that plain
+step (`settled`), as the last one left them (`carried`). Its warm rounds are held against those,
+so the drift rule measures again where this process differs; a carried plain step goes into no
+ratio with this process's rounds.
+
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
 verify pass queued behind them.
@@ -78,6 +84,9 @@ class RowCosts:
     # rest (the pair's very first has to be: the policy needs a plain step), or was doubted: it
     # stands in until measured again, and goes into no ratio.
     provisional: bool = False
+    # The plain step and `settled` come from an earlier process (engine/stored_costs.py); this
+    # process has not taken a plain step yet.
+    carried: bool = False
 
     def start_measurement(self, provisional: bool) -> None:
         """The next plain steps measure `plain` anew: a stale figure is not averaged in."""
@@ -87,6 +96,7 @@ class RowCosts:
         # The mean of a measurement's steps (its first does not outweigh the rest); past
         # MEAN_STEPS, as in a long parked stretch, a decayed average that follows the context.
         self.plain_count += 1
+        self.carried = False
         weight = 1 / min(self.plain_count, MEAN_STEPS)
         self.plain = seconds if self.plain_count == 1 else self.plain + (seconds - self.plain) * weight
         self.first_since_plain, self.settled, self.since_plain = {}, {}, {}
@@ -99,13 +109,14 @@ class RowCosts:
         if not warm:
             return
         self.since_plain[k] = _average(self.since_plain.get(k), seconds)
+        if k in self.settled:  # carried over, or settled since the latest plain step
+            return
         first = self.first_since_plain.setdefault(k, [])
-        if len(first) < SETTLE:
-            first.append(seconds)
-            if len(first) == SETTLE:
-                self.settled[k] = median(first)
-                if not self.provisional:
-                    self._pool_ratio(k, self.plain / self.settled[k])
+        first.append(seconds)
+        if len(first) == SETTLE:
+            self.settled[k] = median(first)
+            if not self.provisional and not self.carried:
+                self._pool_ratio(k, self.plain / self.settled[k])
 
     def _pool_ratio(self, k: int, ratio: float) -> None:
         """A ratio 2 x DRIFT from the pool's is doubted: measured again at the next check, and
@@ -132,7 +143,17 @@ class RowCosts:
         did just after it."""
         if self.plain is None or self.provisional:
             return True
-        return any(abs(self.since_plain[k] / then - 1) > DRIFT for k, then in self.settled.items())
+        return any(
+            abs(self.since_plain[k] / then - 1) > DRIFT
+            for k, then in self.settled.items()
+            if k in self.since_plain  # a carried K this process has not run warm yet
+        )
+
+    @property
+    def trusted(self) -> bool:
+        """A plain step the meter and the policy can go by: pooled ratios, or a measurement
+        taken once an answer's first rounds were over."""
+        return bool(self.ratios) or (self.plain is not None and not self.provisional)
 
     @property
     def current_plain(self) -> float | None:
@@ -144,6 +165,11 @@ class RowCosts:
             return None
         now = [self.plain_ratio(k) * self.rounds[k] for k in self.ratios]
         return median(now) if now else self.plain
+
+    @property
+    def trusted_plain(self) -> float | None:
+        """`current_plain` once it is `trusted` (None before)."""
+        return self.current_plain if self.trusted else None
 
     def round_seconds(self, k: int) -> float:
         """Expected wall time of a round with K drafts (K = 0: a plain step). Needs `plain`."""
@@ -178,17 +204,19 @@ class Measurements:
     def __init__(self):
         self.by_rows: dict[int, RowCosts] = {}
         self.policy = DraftPolicy()
+        self.store = None  # where they persist (engine/stored_costs.py), once a Decoder looked
 
     def rows(self, b: int) -> RowCosts:
         return self.by_rows.setdefault(b, RowCosts())
 
 
-_KEPT: dict[tuple[int, int], Measurements] = {}
+_KEPT: dict[tuple[int, int, bool], Measurements] = {}
 
 
-def measurements_for(target, drafter) -> Measurements:
-    """The one `Measurements` of this pair of model objects (drafter None: plain decoding)."""
-    key = (id(target), id(drafter))
+def measurements_for(target, drafter, compile: bool = False) -> Measurements:
+    """The one `Measurements` of this pair of model objects (drafter None: plain decoding) in
+    this compile mode (compiled steps cost differently)."""
+    key = (id(target), id(drafter), compile)
     if key not in _KEPT:
         _KEPT[key] = Measurements()
         for model in (target, drafter):

@@ -22,6 +22,12 @@ ratio), from which each answer's meter takes its baseline; an answer with none o
 the pair's plain step now (`RowCosts.current_plain`), and says so. Counting rounds rather than
 tokens keeps the rows of a batch on the schedule each would have alone (they start together and
 share every round).
+
+A pair with nothing trusted to weigh drafting against (a fresh process without stored costs,
+engine/stored_costs.py) takes plain steps through an answer's first rounds, which run slow, then
+measures: its meter shows no speedup until then ("measuring baseline"), and its policy drafts
+only from a measured plain step, within a bound on what exploring may lose (`LossBudget`).
+What the pair learned is written at the end of an answer (`close`), for the next process.
 """
 
 import time
@@ -33,10 +39,11 @@ from ..models.rollback import max_draft_tokens
 from .context import Context
 from .costs import RowCosts, measurements_for
 from .plain import PlainSteps
-from .policy import POLICY_MAX_DRAFT
+from .policy import POLICY_MAX_DRAFT, LossBudget
 from .sampling import Sampler
 from .speculative import Row, run_round
 from .stats import GenerationStats, RoundStats
+from .stored_costs import CostStore
 
 # Every duration here is read from this clock (tests put a controlled one in its place).
 clock = time.perf_counter
@@ -90,7 +97,13 @@ class Decoder:
                 f"draft tokens must be between 0 and {max_draft_tokens()}"
             )
         self.fixed_k = draft_tokens
-        self.measurements = measurements_for(self.target, self.drafter)
+        # Keyed on the pair's compile mode until the decoder has its own (issue 26).
+        compile_mode = getattr(pair, "compile", False)
+        self.measurements = measurements_for(self.target, self.drafter, compile_mode)
+        if self.drafter is not None and self.measurements.store is None:
+            self.measurements.store = CostStore.open(pair, self.measurements, compile_mode)
+        self.budget = LossBudget()
+        self.unsaved = False  # rounds run since the pair's costs were last written
         self.streams: list[Stream] = []
         self.plain: PlainSteps | None = None
         self.baseline_left = 0  # plain steps still to run for the baseline measurement
@@ -122,7 +135,7 @@ class Decoder:
             raise GemmaChatError(f"at most {most} draft tokens with this context")
         self._close_plain()  # the pipeline restarts with the newcomer in it
         stats = GenerationStats(context_tokens=len(ctx.tokens))
-        earlier = self.measurements.rows(len(self.streams) + 1).current_plain
+        earlier = self.measurements.rows(len(self.streams) + 1).trusted_plain
         stats.earlier_baseline_seconds = earlier
         start = clock()
         logits, hidden, stats.prompt_tokens = ctx.prefill(prompt)
@@ -154,8 +167,12 @@ class Decoder:
             self.streams.remove(stream)
 
     def close(self) -> None:
-        """Leave every cache holding exactly what was emitted (the plain look-ahead out)."""
+        """Leave every cache holding exactly what was emitted (the plain look-ahead out), and
+        write what the pair learned for later processes."""
         self._close_plain()
+        if self.unsaved and self.measurements.store is not None:
+            self.measurements.store.save(self.measurements)
+            self.unsaved = False
 
     def _close_plain(self) -> None:
         if self.plain is not None:
@@ -168,6 +185,7 @@ class Decoder:
         entries: the plain pipeline's last token, then a speculative round). Answers that
         finished leave the decoder."""
         costs = self.measurements.rows(len(self.streams))
+        self.unsaved = True
         k = self._draft_length(costs)
         if k == 0:
             return self._plain_step(costs)
@@ -188,6 +206,9 @@ class Decoder:
             costs.observe_round(k, end - self.last_end, warm)
         for r in results:
             self.measurements.policy.observe(k, r.accepted)
+        if self.fixed_k is None:
+            tokens = sum(len(r.tokens) for r in results) / len(results)
+            self.budget.settle(tokens, (end - self.last_end) / costs.current_plain - tokens)
         ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
         worth = 1 / ratio if ratio else 0.0
         rounds = [
@@ -204,22 +225,25 @@ class Decoder:
         checked = [s for s in self.streams if s.rounds_to_baseline <= 0]
         for s in checked:
             s.rounds_to_baseline = BASELINE_EVERY
-        due = costs.plain is None or (bool(checked) and costs.stale)
+        cold = any(s.stats.rounds < BASELINE_AFTER for s in self.streams)
+        # Nothing trusted yet: measured as soon as the answer's first rounds are over.
+        due = costs.plain is None or (bool(checked) and costs.stale) or not (costs.trusted or cold)
         if due and not self.baseline_left:
             self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
-            costs.start_measurement(
-                provisional=any(s.stats.rounds < BASELINE_AFTER for s in self.streams)
-            )
+            costs.start_measurement(provisional=cold)
         self.measuring = bool(self.baseline_left)
         if self.measuring:
             self.baseline_left -= 1
+            return 0
+        if not costs.trusted:  # plain steps until then: they lose nothing against plain decoding
             return 0
         # A round emits up to K + 1 tokens, after the token a running plain pipeline hands over.
         room = max(s.max_tokens - s.emitted for s in self.streams) - 1 - (self.plain is not None)
         if room <= 0:
             return 0
         if self.fixed_k is None:
-            return self.measurements.policy.choose(costs, room)
+            k = self.measurements.policy.choose(costs, room)
+            return 0 if self.budget.spent else k
         return min(self.fixed_k, room)
 
     def _plain_step(self, costs: RowCosts) -> list[Emitted]:
@@ -231,7 +255,11 @@ class Decoder:
         end = clock()
         if steady:
             costs.observe_plain(end - self.last_end)
-        step = RoundStats(0, plain_steps=float(steady), measuring=self.measuring)
+        if self.drafter is not None and self.fixed_k is None:
+            self.budget.settle(1.0)
+        # Steps the pair cannot trust yet (right after a prefill) are no baseline sample.
+        trusted = steady and costs.trusted
+        step = RoundStats(0, plain_steps=float(trusted), measuring=self.measuring)
         out = self._emit([(s, [t], replace(step)) for s, t in zip(self.streams, ids)], end)
         if self.plain is not None and not self.plain.rows:
             self.plain = None
@@ -251,7 +279,7 @@ class Decoder:
         # Only an answer none of whose rounds says its baseline yet shows the pair's figure.
         unsaid = [e.stream.stats for e in out if not e.stream.stats.baseline_steps]
         if unsaid:
-            baseline = self.measurements.rows(len(rounds)).current_plain
+            baseline = self.measurements.rows(len(rounds)).trusted_plain
             for stats in unsaid:
                 stats.earlier_baseline_seconds = baseline
         self.last_end = end

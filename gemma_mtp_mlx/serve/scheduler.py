@@ -163,6 +163,8 @@ class Scheduler:
         running: dict[Stream, Job] = {}
         deadline = None  # when the answers under way end, once draining
         while True:
+            if not waiting and not running:  # answers ended: what the pair learned is written
+                self.decoder.close()
             for op, job in self._commands(block=not waiting and not running):
                 if op == "stop":
                     for left in [*waiting, *running.values()]:

@@ -1,7 +1,8 @@
 """`gemma-chat doctor`: this machine, the Hugging Face cache, and which Gemma 4 pairs fit.
 
 Every probe is guarded: one that fails prints "unknown", the report goes on, nothing raises.
-Nothing here touches the network or loads weights.
+Nothing here touches the network or loads weights. It also shows the decoding costs earlier runs
+stored (engine/stored_costs.py): what the meter and the draft policy start from.
 
 Memory per alias and precision comes from `catalog` / `memory`, the code the load preflight
 runs: the loader's own model built lazily over the cached checkpoint (or, when it is not
@@ -218,6 +219,53 @@ def fit_rows() -> list[tuple]:
     return [(cp, _probe(estimate_of, cp)) for cp in checkpoints()]
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def stored_costs_report(console: Console) -> None:
+    """Per stored pair: where and when it was measured, and per number of rows the plain step
+    and what a round of K drafts costs; the policy's acceptance by draft position."""
+    from ..engine.costs import Measurements
+    from ..engine.stored_costs import Ignored, costs_path, machine, read_entries, restore
+
+    path = costs_path()
+    try:
+        entries = read_entries(path)
+    except Ignored as e:
+        console.print(Text(f"stored costs: {path} is ignored: {e}"))
+        return
+    if not entries:
+        console.print(Text(f"stored costs: none yet ({path})"))
+        return
+    here = _probe(machine)
+    console.print(Text(f"Stored decoding costs ({path}; `gemma-chat --forget-costs` starts over)", style="italic"))
+    for entry in entries:
+        key, names = entry.get("key") or {}, entry.get("names") or {}
+        where = "this machine" if key.get("machine") == here else f"on {key.get('machine')}"
+        compiled = ", compiled" if key.get("compile") else ""
+        console.print(Text(
+            f" {names.get('target')} + {names.get('drafter')} · {key.get('precision')}{compiled} · "
+            f"{where} · gemma-chat {key.get('gemma_chat')} · written {entry.get('written')}"
+        ))
+        m = Measurements()
+        try:
+            restore(m, entry)
+        except Ignored as e:
+            console.print(Text(f"   {e}", style="red"))
+            continue
+        for b, costs in sorted(m.by_rows.items()):
+            plain = costs.current_plain
+            trust = "" if costs.trusted else ", provisional"
+            rounds = ", ".join(f"K={k} {_ms(s)}" for k, s in sorted(costs.rounds.items()))
+            console.print(Text(
+                f"   {b} row{'s' * (b != 1)}: plain step {_ms(plain)} ({b / plain:.0f} tok/s{trust})"
+                + (f"; a round of {rounds}" if rounds else "")
+            ))
+        acceptance = " ".join(f"{a:.2f}" for a in m.policy.acceptance)
+        console.print(Text(f"   acceptance by draft position: {acceptance}"))
+
+
 def _report(console: Console) -> None:
     memory = _probe(total_memory_bytes)
     limit = _probe(default_limit)
@@ -288,3 +336,4 @@ def _report(console: Console) -> None:
             style="dim",
         )
     )
+    stored_costs_report(console)
