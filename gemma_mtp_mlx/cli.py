@@ -654,13 +654,14 @@ def bench_command(
     shape: Annotated[str | None, typer.Option("--shape", help="Random weights with this Gemma 4 shape (e2b, e4b, 26b, 31b) and a drafter of simulated acceptance, instead of a loaded pair.")] = None,
     acceptance: Annotated[str | None, typer.Option("--acceptance", help="With --shape: simulated acceptances, e.g. 0.6,0.8 (the default).")] = None,
     layers: Annotated[int | None, typer.Option("--layers", min=2, help="With --shape: layers kept (default: as many as memory allows).")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", min=2, help="Tokens per run (pair: 128, 48 with --quick; shape: 64, 32 with --quick).")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", min=2, help="Tokens per run (pair: 128, 48 with --quick; shape: 64, 32 with --quick; fresh processes: 300, 64 with --quick).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="One timed run per variant and shorter runs (pair: K swept on prose only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     png: Annotated[Path | None, typer.Option("--png", help="Pair bench: folder for the PNGs (default: . without --json).")] = None,
     repeats: Annotated[int | None, typer.Option("--repeats", min=1, help="Timed runs per variant (1 with --quick, else 3; --moe-curve: 5 passes).")] = None,
     moe: Annotated[bool, typer.Option("--moe-curve", help="Only the MoE verify cost curve: ours vs mlx-lm on a random 26B-A4B-core stack (no model is loaded).")] = False,
     moe_layers: Annotated[int, typer.Option("--moe-layers", min=1, help="Layers of that stack (each ~3.2 GB fp32).")] = 4,
+    fresh: Annotated[bool, typer.Option("--fresh-processes", help="Each answer its own gemma-chat process (plain, -k 1, -k 3, auto; with and without stored costs), as scripted use meets it (300 tokens, 64 with --quick).")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ):
     """Measure plain vs MTP decoding against mlx-lm and mlx-vlm on the same weights: a loaded
@@ -668,11 +669,13 @@ def bench_command(
     from .tools.bench import run
 
     acceptances = _acceptances(acceptance)
+    if fresh and (shape is not None or moe):
+        raise typer.BadParameter("--fresh-processes runs a loaded pair: not with --shape or --moe-curve")
     err = stderr_console()
     try:
         run(model=model, drafter=drafter, shape=shape, acceptances=acceptances,
             layers=layers, max_tokens=max_tokens, quick=quick, repeats=repeats, as_json=as_json,
-            png=png, moe=moe, moe_layers=moe_layers, err=err)
+            png=png, moe=moe, moe_layers=moe_layers, fresh=fresh, err=err)
     except GemmaChatError as e:
         _fail(err, str(e), debug)
     except KeyboardInterrupt:

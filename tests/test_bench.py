@@ -384,3 +384,53 @@ def test_meter_share_counts_baselines_exactly_ten_percent_off_as_within():
         "code": {"k1": {"baseline_error_paired": 1.101}, "mlx_lm": {"tokens_per_second": 9.0}},
     }
     assert _meter_within(results) == round(2 / 3, 3)
+
+
+# -- fresh processes -----------------------------------------------------------------------------
+def test_fresh_processes_alternate_share_the_stored_costs_and_hold_the_goals(capsys):
+    """The orchestration and the arithmetic, on answers made up per variant (each a real process
+    takes seconds; the next test runs one): a policy whose meter reads 20 % high without stored
+    costs misses the 15 % goal there and meets every goal with them."""
+    from gemma_mtp_mlx.tools.bench import fresh, render
+
+    calls = []
+
+    def answer(cmd, cache):
+        variant = next((v for v, flags in fresh.VARIANTS.items() if flags and flags[-1] in cmd), "auto")
+        calls.append((variant, cache))
+        stored = cache.name == "stored"
+        tps = {"plain": 200.0, "k1": 180.0, "k3": 220.0, "auto": 215.0}[variant]
+        baseline = 200.0 if variant == "plain" or stored else 200.0 / 1.2
+        stats = {"tokens_per_second": tps, "baseline_tokens_per_second": baseline,
+                 "speedup": round(tps / baseline, 3), "acceptance_rate": None if variant == "plain" else 0.5}
+        return {"stats": stats, "token_ids": [1, 2, 3]}
+
+    result = fresh.run_fresh("demo", max_tokens=300, repeats=2, run=answer)
+    warmup, timed = calls[:8], calls[8:]
+    assert [v for v, _ in warmup] == list(fresh.VARIANTS) * 2 and {c.name for _, c in warmup} == {"stored"}
+    assert len(timed) == 2 * 2 * 7  # repeats x prompts x (plain, 3 variants x 2 modes)
+    assert [v for v, _ in timed[:7]] == [v for v, _ in timed[14:21]][::-1]  # reversed next repeat
+    fresh_caches = [c for _, c in timed if c.name != "stored"]
+    assert len(set(fresh_caches)) == len(fresh_caches) == 2 * 2 * 3  # an empty folder each
+    stored, none = result["goals"]["stored"], result["goals"]["none"]
+    assert [stored[g]["met"] for g in ("baseline_within", "meter_within", "policy_vs_best_k", "policy_vs_plain")] == [True] * 4
+    assert stored["policy_vs_best_k"]["value"] == round(215 / 220, 3)
+    assert none["baseline_within"]["value"] == round(2 / 8, 3)  # plain alone, on both prompts
+    assert none["meter_within"]["met"] is False and none["policy_vs_plain"]["value"] == 1.075
+    assert result["prompts"]["code"]["k3/none"]["meter_vs_real"] == 1.2
+    assert result["outputs_identical"] is True
+    render.render_fresh(result, Console(file=io.StringIO(), width=80))
+
+
+def test_a_fresh_process_writes_its_costs_in_the_cache_folder_it_is_given(tmp_path, tmp_path_factory):
+    """One real `gemma-chat` process as the bench starts it: it answers in JSON, imports this
+    gemma-chat, and stores what it learned in the folder given, not the user's."""
+    from gemma_mtp_mlx.tools.bench import fresh
+    from tests.test_chat import build_tiny
+
+    target = build_tiny(tmp_path_factory)
+    cmd = fresh.command(str(target), "auto", "Hello", 24, "k1")
+    answer = fresh.run_process(cmd, tmp_path / "cache")
+    assert len(answer["token_ids"]) == 24 and answer["stats"]["drafted"] > 0
+    (entry,) = json.loads((tmp_path / "cache" / "gemma-chat" / "costs.json").read_text())["entries"]
+    assert entry["names"] == {"target": "target", "drafter": "assistant"}

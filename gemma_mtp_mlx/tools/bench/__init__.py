@@ -7,6 +7,8 @@ Three benches, one per question:
 - `--shape e2b|e4b|26b|31b` (shape_bench.py): random weights with a real Gemma 4 shape
   (shapes.py) and a drafter of simulated acceptance (simulated.py), beside both peers.
 - `--moe-curve` (costs.py): the 26B-A4B mixture of experts' verify cost, ours against mlx-lm.
+- `--fresh-processes` (fresh.py): a pair as one-shot scripted use meets it, each answer its own
+  `gemma-chat` process, with and without the costs an earlier process stored.
 
 The files: measure.py times runs and alternates variants; peers.py runs mlx-lm and mlx-vlm on our
 arrays; costs.py measures isolated step costs; report.py turns runs into figures; render.py and
@@ -33,6 +35,7 @@ def run(
     png: Path | None = None,
     moe: bool = False,
     moe_layers: int = 4,
+    fresh: bool = False,
     out: Console | None = None,
     err: Console | None = None,
 ) -> dict:
@@ -50,6 +53,14 @@ def run(
         say(f"MoE verify cost curve, {moe_layers} random 26B-A4B-core layers")
         result = moe_curve(moe_config(moe_layers), reps=repeats or 5)
         render = render_moe_curve
+    elif fresh:
+        from .fresh import run_fresh
+        from .render import render_fresh as render
+
+        result = run_fresh(
+            model, drafter, max_tokens=max_tokens or (64 if quick else 300),
+            repeats=repeats or (1 if quick else 3), progress=say,
+        )
     elif shape is not None:
         result = _shape_bench(shape, acceptances or [0.6, 0.8], layers, max_tokens, quick, repeats, say)
         from .render import render_shape as render

@@ -209,3 +209,36 @@ def render_moe_curve(result: dict, console) -> None:
     value = result["ours_over_mlx_lm_8_over_1"]
     met = "met" if value <= result["goal"] else "not met"
     console.print(f"ours T8/T1 over mlx-lm's: {value:.3f} (goal <= {result['goal']}: {met})")
+
+
+# -- fresh processes -----------------------------------------------------------------------------
+def render_fresh(result: dict, console) -> None:
+    s = result["settings"]
+    console.print(
+        f"[bold]gemma-chat bench --fresh-processes[/] {escape(result['model'])}: each answer its own "
+        f"process, {s['max_tokens']} tokens, median of {s['repeats']}, greedy\n"
+        f"{_machine_line(result['machine'])}"
+    )
+    for mode, title in (("stored", "with the costs an earlier process stored"),
+                        ("none", "without stored costs (a first run)")):
+        t = _table(console, f"{title}: tok/s, / plain (paired), baseline / plain, meter / real",
+                   "prompt", "variant", "tok/s", "vs plain", "baseline", "meter", "accepted")
+        for name, cells in result["prompts"].items():
+            for cell, c in cells.items():
+                if cell != "plain" and not cell.endswith(f"/{mode}"):
+                    continue
+                t.add_row(
+                    name, cell.split("/")[0], _f(c["tokens_per_second"]), _f(c["vs_plain"], "{:.2f}x"),
+                    _f(c["baseline_error"], "{:.3f}"), _f(c["meter_vs_real"], "{:.3f}"),
+                    _f(c["acceptance_rate"], "{:.0%}"),
+                )
+        console.print(t)
+        goals = {k: v for k, v in result["goals"][mode].items() if isinstance(v, dict)}
+        console.print(f"goals {mode} (within {result['goals'][mode]['tolerance']:.0%}):")
+        _goals(console, goals)
+    console.print(
+        "outputs identical (every variant, every run, to plain): "
+        + ("yes" if result["outputs_identical"] else "[bold red]NO[/]")
+    )
+    for note in result["notes"]:
+        console.print(f"note: {escape(note)}", style="yellow")

@@ -14,11 +14,11 @@ class Workload:
     prompt: list[int]
 
 
-_PROSE = (
+PROSE = (
     "Tell me the tale of the old king who lost his crown in a single night of storm, of the "
     "daughter who sailed after him, and of what the sea gave back to them both."
 )
-_CODE = (
+CODE = (
     "Complete this Python module so that it reads a CSV file and returns its rows as "
     "dictionaries, skipping blank lines.\n\n```python\nimport csv\n\n\ndef read_rows(path):\n"
 )
@@ -63,8 +63,8 @@ def workloads(pair, max_tokens: int) -> list[Workload]:
 
     window = args.sliding_window
     return [
-        Workload("prose", "a story request", encode(_PROSE)),
-        Workload("code", "complete a Python function", encode(_CODE)),
+        Workload("prose", "a story request", encode(PROSE)),
+        Workload("code", "complete a Python function", encode(CODE)),
         Workload("structured", "a JSON list", encode(_STRUCTURED)),
         Workload("long", f"a log past the {window}-token sliding window", encode(long_text)),
     ]
