@@ -271,18 +271,16 @@ def test_rows_of_a_batch_are_not_timed_for_the_prefills_of_rows_joining_them(pai
 
 
 def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pairs, clock):
-    """A pair with nothing measured takes plain steps through the answer's first rounds (slow
-    ones: no baseline sample, the meter shows none), then measures, then drafts; the round after
-    the pipeline hands over its token is timed from the hand-over; costs learned for later
-    answers of the same pair."""
+    """A pair with nothing measured measures until two measurements agree (no baseline samples
+    before: the meter shows none), then drafts; the round after the pipeline hands over its
+    token is timed from the hand-over; costs learned for later answers of the same pair."""
     pair = echo_pairs[("dense", True)]
     measurements_for(pair.target, pair.drafter).by_rows.clear()
     chunks = read(clock, generate(pair, PROMPT, max_tokens=50, ignore_eos=True, draft_tokens=3), 0.05)
     rounds = [c.round for c in chunks[1:]]
-    untrusted = BASELINE_STEPS + 1  # a provisional measurement (and the step filling the pipeline)
-    plain = untrusted + BASELINE_STEPS
+    plain = 2 * BASELINE_STEPS + 1  # two measurements that agree, and the step filling the pipeline
     assert [r.measuring for r in rounds[:plain]] == [True] * plain
-    assert [r.plain_steps for r in rounds[:plain]] == [0] * untrusted + [1] * BASELINE_STEPS
+    assert [r.plain_steps for r in rounds[:plain]] == [0] * (plain - 1) + [1]  # trusted at the last
     handed = rounds[plain]
     assert handed.drafted == 0 and not handed.plain_steps  # the pipeline's last token
     assert rounds[plain + 1].drafted == 3 and not any(r.measuring for r in rounds[plain + 1 :])
@@ -329,7 +327,7 @@ def test_the_first_answer_shows_no_speedup_until_a_baseline_it_trusts(echo_pairs
         line = meter_text(chunk.stats, mtp=True, draft=2, context_used=0, context_limit=100).plain
         shown.append((chunk.round.plain_steps if chunk.round else 0, line))
         clock.now += 0.02
-    untrusted = BASELINE_STEPS + 2  # the prefill's token, the provisional measurement
+    untrusted = 2 * BASELINE_STEPS + 1  # the prefill's token, two measurements but their last step
     assert all("measuring baseline" in line and "×" not in line for _, line in shown[:untrusted])
     assert shown[untrusted][0] == 1  # the first trusted plain step
     assert all(re.search(r"baseline [\d.]+ tok/s measured · [\d.]+×", line) for _, line in shown[untrusted:])
@@ -350,8 +348,8 @@ def test_a_long_answer_measures_again_when_round_costs_drift(echo_pairs, clock):
         clock.now += 0.05 if i < 300 else 0.07
     measuring = [c.round.measuring for c in chunks[1:]]
     starts = [i for i, m in enumerate(measuring) if m and (i == 0 or not measuring[i - 1])]
-    # At once (nothing measured yet: a provisional measurement through the first rounds, then
-    # a trusted one right after), then once after the drift.
+    # At once (nothing measured yet: two measurements in a row, that agree), then once after the
+    # drift.
     assert len(starts) == 2 and starts[0] == 0, starts
     assert measuring[: 2 * BASELINE_STEPS + 1] == [True] * (2 * BASELINE_STEPS + 1)
     assert 300 < starts[1] <= 300 + BASELINE_EVERY + 1
@@ -374,6 +372,33 @@ def round_cost(clock, monkeypatch):
         monkeypatch.setattr(decode, "run_round", run_round)
 
     return set_cost
+
+
+def test_a_cold_start_is_measured_until_two_measurements_agree(echo_pairs, clock, monkeypatch):
+    """A fresh process's first plain steps run slow, for longer than an answer's first rounds:
+    measurements follow one another until two agree, and only that plain step is trusted (the
+    meter's baseline, the policy's yardstick)."""
+    from gemma_mtp_mlx.engine.plain import PlainSteps
+
+    steps, step = [], PlainSteps.step
+
+    def cold_step(self):
+        steps.append(None)
+        clock.now += 0.04 * 0.6 ** len(steps)
+        return step(self)
+
+    monkeypatch.setattr(PlainSteps, "step", cold_step)
+    pair = echo_pairs[("moe", True)]
+    measurements_for(pair.target, pair.drafter).by_rows.clear()
+    chunks = read(clock, generate(pair, PROMPT, max_tokens=60, ignore_eos=True, draft_tokens=2), 0.01)
+    rounds = [c.round for c in chunks[1:]]
+    measured = next(i for i, r in enumerate(rounds) if not r.measuring)
+    # The fill, then steps of 18.8, 12.0 and 11.1 ms by measurement (reader's 10 ms, a tick, and
+    # what is left of the cold start): the second and third agree within DRIFT; the hand-over.
+    assert measured == 3 * BASELINE_STEPS + 2
+    costs = measurements_for(pair.target, pair.drafter).rows(1)
+    assert costs.trusted and costs.plain == pytest.approx(0.0111, rel=0.01)
+    assert sum(r.plain_steps for r in rounds[:measured]) == 1
 
 
 @pytest.mark.parametrize("bounded", [True, False])

@@ -60,6 +60,10 @@ DRIFT = 0.1
 SETTLE = 8  # rounds of a K after a plain step that set what it is held to
 MEAN_STEPS = 5  # a measurement's steps averaged alike (then weighted as DECAY weighs the past)
 POOL = 3  # plain/round ratios kept per K (their median), few enough to follow the context
+# With nothing trusted yet, measurements follow one another until two in a row agree within
+# DRIFT (a fresh process's first plain steps run slow, for a few steps or for dozens), the
+# latest trusted after this many at most.
+WARM_UP_MOST = 5
 
 
 def _average(old: float | None, new: float) -> float:
@@ -81,9 +85,10 @@ class RowCosts:
     ratios: dict[int, deque] = field(default_factory=dict)
     doubted: dict[int, float] = field(default_factory=dict)
     # The latest measurement was taken in an answer's first rounds, which run slower than the
-    # rest (the pair's very first has to be: the policy needs a plain step), or was doubted: it
-    # stands in until measured again, and goes into no ratio.
+    # rest, or while nothing was trusted yet (`warm_up`), or was doubted: it goes into no ratio,
+    # and is measured again (without pooled ratios, nothing goes by it: not `trusted`).
     provisional: bool = False
+    warm_up: list[float] = field(default_factory=list)  # measurements while nothing was trusted
     # The plain step and `settled` come from an earlier process (engine/stored_costs.py); this
     # process has not taken a plain step yet.
     carried: bool = False
@@ -91,6 +96,16 @@ class RowCosts:
     def start_measurement(self, provisional: bool) -> None:
         """The next plain steps measure `plain` anew: a stale figure is not averaged in."""
         self.plain_count, self.provisional = 0, provisional
+
+    def end_measurement(self) -> None:
+        """With nothing trusted yet, a measurement is trusted once it agrees with the one before
+        within DRIFT (the machine is warm), or once WARM_UP_MOST were taken."""
+        if self.trusted or self.plain is None:
+            return
+        self.warm_up.append(self.plain)
+        agree = len(self.warm_up) > 1 and abs(self.warm_up[-1] / self.warm_up[-2] - 1) <= DRIFT
+        if agree or len(self.warm_up) >= WARM_UP_MOST:
+            self.provisional, self.warm_up = False, []
 
     def observe_plain(self, seconds: float) -> None:
         # The mean of a measurement's steps (its first does not outweigh the rest); past
@@ -204,7 +219,7 @@ class Measurements:
     def __init__(self):
         self.by_rows: dict[int, RowCosts] = {}
         self.policy = DraftPolicy()
-        self.store = None  # where they persist (engine/stored_costs.py), once a Decoder looked
+        self.store = None  # where they persist (engine/stored_costs.py): set by the first Decoder
 
     def rows(self, b: int) -> RowCosts:
         return self.by_rows.setdefault(b, RowCosts())

@@ -14,19 +14,19 @@ run slower than the rest) and every BASELINE_EVERY rounds after, the decoder che
 pair's plain step for this many rows is still current: that rounds cost what they did just
 after it was measured (`RowCosts.stale`). If not, the next rounds are plain steps
 (BASELINE_STEPS after the one that fills the pipeline), which costs only those rounds' missed
-drafting, and only when the machine or the context has changed. A pair that has no plain step
-measured yet measures at once (the policy needs it), and again at the next check: steps right
-after a prefill are slow. Parked rounds are samples too. Each round carries the plain steps its
-time is worth (a steady plain step one, a round of K the inverse of K's measured plain/round
-ratio), from which each answer's meter takes its baseline; an answer with none of those shows
-the pair's plain step now (`RowCosts.current_plain`), and says so. Counting rounds rather than
-tokens keeps the rows of a batch on the schedule each would have alone (they start together and
-share every round).
+drafting, and only when the machine or the context has changed. Parked rounds are samples
+too. Each round carries the plain steps its time is worth (a steady plain step one, a round of
+K the inverse of K's measured plain/round ratio), from which each answer's meter takes its
+baseline; an answer with none of those shows the pair's plain step now
+(`RowCosts.current_plain`), and says so. Counting rounds rather than tokens keeps the rows of a
+batch on the schedule each would have alone (they start together and share every round).
 
 A pair with nothing trusted to weigh drafting against (a fresh process without stored costs,
-engine/stored_costs.py) takes plain steps through an answer's first rounds, which run slow, then
-measures: its meter shows no speedup until then ("measuring baseline"), and its policy drafts
-only from a measured plain step, within a bound on what exploring may lose (`LossBudget`).
+engine/stored_costs.py) takes measurements one after another until two agree (the first plain
+steps of a process run slow, `RowCosts.end_measurement`): plain steps, which lose nothing
+against plain decoding, and no baseline samples: its meter shows no baseline and no speedup
+until then ("measuring baseline"). It drafts only from then on, the policy within a bound on
+what exploring may lose (`LossBudget`).
 What the pair learned is written at the end of an answer (`close`), for the next process.
 """
 
@@ -225,17 +225,14 @@ class Decoder:
         checked = [s for s in self.streams if s.rounds_to_baseline <= 0]
         for s in checked:
             s.rounds_to_baseline = BASELINE_EVERY
-        cold = any(s.stats.rounds < BASELINE_AFTER for s in self.streams)
-        # Nothing trusted yet: measured as soon as the answer's first rounds are over.
-        due = costs.plain is None or (bool(checked) and costs.stale) or not (costs.trusted or cold)
+        due = not costs.trusted or (bool(checked) and costs.stale)
         if due and not self.baseline_left:
             self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
-            costs.start_measurement(provisional=cold)
+            cold = any(s.stats.rounds < BASELINE_AFTER for s in self.streams)
+            costs.start_measurement(provisional=cold or not costs.trusted)
         self.measuring = bool(self.baseline_left)
         if self.measuring:
             self.baseline_left -= 1
-            return 0
-        if not costs.trusted:  # plain steps until then: they lose nothing against plain decoding
             return 0
         # A round emits up to K + 1 tokens, after the token a running plain pipeline hands over.
         room = max(s.max_tokens - s.emitted for s in self.streams) - 1 - (self.plain is not None)
@@ -255,9 +252,11 @@ class Decoder:
         end = clock()
         if steady:
             costs.observe_plain(end - self.last_end)
+        if self.measuring and not self.baseline_left:
+            costs.end_measurement()
         if self.drafter is not None and self.fixed_k is None:
             self.budget.settle(1.0)
-        # Steps the pair cannot trust yet (right after a prefill) are no baseline sample.
+        # Steps taken before the pair trusts its plain step (a cold start's) are no sample.
         trusted = steady and costs.trusted
         step = RoundStats(0, plain_steps=float(trusted), measuring=self.measuring)
         out = self._emit([(s, [t], replace(step)) for s, t in zip(self.streams, ids)], end)
