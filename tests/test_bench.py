@@ -422,11 +422,14 @@ def test_fresh_processes_alternate_share_the_stored_costs_and_hold_the_goals(cap
     render.render_fresh(result, Console(file=io.StringIO(), width=80))
 
 
-def test_a_fresh_process_writes_its_costs_in_the_cache_folder_it_is_given(tmp_path, tmp_path_factory):
+def test_a_fresh_process_writes_its_costs_in_the_cache_folder_it_is_given(tmp_path, tmp_path_factory, monkeypatch):
     """One real `gemma-chat` process as the bench starts it: it answers in JSON, imports this
     gemma-chat, and stores what it learned in the folder given, not the user's."""
+    from gemma_mtp_mlx import blas
     from gemma_mtp_mlx.tools.bench import fresh
     from tests.test_chat import build_tiny
+
+    monkeypatch.setenv(blas.MARKER, "1")  # one process: no re-execution with OpenBLAS
 
     target = build_tiny(tmp_path_factory)
     cmd = fresh.command(str(target), "auto", "Hello", 24, "k1")

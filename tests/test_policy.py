@@ -405,7 +405,7 @@ def test_a_cold_start_is_measured_until_two_measurements_agree(echo_pairs, clock
 def test_what_exploring_loses_against_plain_decoding_is_bounded(pairs, clock, round_cost, monkeypatch, bounded):
     """A pair with no history and a drafter that never hits, whose rounds cost 5-7 plain steps:
     the policy's priors make it try drafting, and parked, it probes now and then. Over a
-    300-token answer it loses at most EXPLORE_ALLOWANCE + EXPLORE_SHARE x tokens plain steps
+    200-token answer it loses at most EXPLORE_ALLOWANCE + EXPLORE_SHARE x tokens plain steps
     against plain decoding, and the one round that overdraws; without the budget, twice that."""
     from gemma_mtp_mlx.engine import policy
 
@@ -419,7 +419,7 @@ def test_what_exploring_loses_against_plain_decoding_is_bounded(pairs, clock, ro
     step = 0.011  # the reader's 0.01 s per chunk and a tick of the clock: a plain step
     dearest = 7  # plain steps of the dearest round this policy runs (K = 2)
     round_cost(lambda k: step * (4 + k))
-    stats = read(clock, generate(pair, PROMPT, max_tokens=300, ignore_eos=True), 0.01)[-1].stats
+    stats = read(clock, generate(pair, PROMPT, max_tokens=200, ignore_eos=True), 0.01)[-1].stats
     lost = stats.decode_seconds / step - stats.decoded_tokens  # in plain steps
     bound = allowance + policy.EXPLORE_SHARE * stats.decoded_tokens + dearest - 1
     assert stats.drafted > 0  # it did explore
@@ -433,7 +433,7 @@ def test_the_budget_never_parks_drafting_that_wins(echo_pairs, clock):
     m = measurements_for(pair.target, pair.drafter)
     m.by_rows.clear()
     m.policy = DraftPolicy()
-    chunks = read(clock, generate(pair, PROMPT, max_tokens=200, ignore_eos=True), 0.01)
+    chunks = read(clock, generate(pair, PROMPT, max_tokens=120, ignore_eos=True), 0.01)
     rounds = [c.round for c in chunks[1:]]
     first = next(i for i, r in enumerate(rounds) if r.drafted)
     assert all(r.drafted for r in rounds[first:-2]), [r.drafted for r in rounds]
