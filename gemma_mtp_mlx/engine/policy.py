@@ -30,7 +30,7 @@ PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
 # drafting (and cap what winning rounds bank, so that a long good stretch does not pay for a
 # long bad one). Over an answer of N tokens: at most ALLOWANCE + SHARE x N plain steps, and the
 # one round that overdraws; for 300 tokens 3 + 6 steps and a round, about 3-4 % of the answer.
-# Issue 30 holds the policy to 0.97x plain: the 2 % leaves room for the rest.
+# The benchmark holds the policy to 0.97x plain: the 2 % leaves room for the rest.
 EXPLORE_SHARE, EXPLORE_ALLOWANCE = 0.02, 3.0
 
 
