@@ -23,6 +23,16 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, tol: float = 1e-4):
     assert err < tol, f"relative error {err:.2e}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_for_the_session(tmp_path_factory):
+    """The same for what outlives a test: session and module fixtures, a server's decoder that
+    writes when it goes idle between tests."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache-session")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch) -> Path:
     """No test reads or writes the user's cache folder (the costs a pair learned persist there,

@@ -135,8 +135,12 @@ class CostStore:
     """Where one pair's `Measurements` persist (None `key`: a pair that cannot be keyed, such as
     the bench's simulated drafter, persists nothing)."""
 
-    def __init__(self, key: dict | None, names: dict, path: Path):
-        self.key, self.names, self.path = key, names, path
+    def __init__(self, key: dict | None, names: dict):
+        self.key, self.names = key, names
+
+    @property
+    def path(self) -> Path:
+        return costs_path()
 
     @classmethod
     def open(cls, pair, measurements: Measurements, compile: bool) -> "CostStore":
@@ -148,8 +152,8 @@ class CostStore:
         try:
             key = pair_key(pair.target, pair.drafter, compile)
         except (AttributeError, TypeError):  # not an MLX module: nothing to fingerprint
-            return cls(None, names, costs_path())
-        store = cls(key, names, costs_path())
+            return cls(None, names)
+        store = cls(key, names)
         try:
             entry = next((e for e in read_entries(store.path) if e.get("key") == key), None)
             if entry is None:
