@@ -1,6 +1,6 @@
 """`gemma-chat bench`: speed measured side by side in one process, never estimated.
 
-Three benches, one per question:
+Four benches, one per question:
 
 - `--model M` (pair_bench.py): a loaded pair (the demo pair by default) with its real drafter on
   four workload classes: ours plain and MTP against mlx-lm and mlx-vlm on the same weights.
