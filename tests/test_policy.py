@@ -271,19 +271,22 @@ def test_rows_of_a_batch_are_not_timed_for_the_prefills_of_rows_joining_them(pai
 
 
 def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pairs, clock):
-    """A pair with nothing measured measures until two measurements agree (no baseline samples
-    before: the meter shows none), then drafts; the round after the pipeline hands over its
-    token is timed from the hand-over; costs learned for later answers of the same pair."""
+    """A pair with nothing measured, at a fixed K, drafts through the answer's first rounds, then
+    measures until two measurements agree (no baseline samples before: the meter shows none),
+    then drafts; the round after the pipeline hands over its token is timed from the hand-over;
+    costs learned for later answers of the same pair."""
     pair = echo_pairs[("dense", True)]
     measurements_for(pair.target, pair.drafter).by_rows.clear()
     chunks = read(clock, generate(pair, PROMPT, max_tokens=50, ignore_eos=True, draft_tokens=3), 0.05)
     rounds = [c.round for c in chunks[1:]]
+    assert [r.drafted for r in rounds[:BASELINE_AFTER]] == [3] * BASELINE_AFTER
     plain = 2 * BASELINE_STEPS + 1  # two measurements that agree, and the step filling the pipeline
-    assert [r.measuring for r in rounds[:plain]] == [True] * plain
-    assert [r.plain_steps for r in rounds[:plain]] == [0] * (plain - 1) + [1]  # trusted at the last
-    handed = rounds[plain]
+    measured, rounds = rounds[BASELINE_AFTER : BASELINE_AFTER + plain], rounds[BASELINE_AFTER + plain :]
+    assert all(r.measuring for r in measured)
+    assert [r.plain_steps for r in measured] == [0] * (plain - 1) + [1]  # trusted at the last
+    handed = rounds[0]
     assert handed.drafted == 0 and not handed.plain_steps  # the pipeline's last token
-    assert rounds[plain + 1].drafted == 3 and not any(r.measuring for r in rounds[plain + 1 :])
+    assert rounds[1].drafted == 3 and not any(r.measuring for r in rounds[1:])
     stats = chunks[-1].stats
     assert stats.baseline_tokens_per_second == pytest.approx(20, rel=0.05)
     costs = measurements_for(pair.target, pair.drafter).rows(1)
@@ -327,7 +330,9 @@ def test_the_first_answer_shows_no_speedup_until_a_baseline_it_trusts(echo_pairs
         line = meter_text(chunk.stats, mtp=True, draft=2, context_used=0, context_limit=100).plain
         shown.append((chunk.round.plain_steps if chunk.round else 0, line))
         clock.now += 0.02
-    untrusted = 2 * BASELINE_STEPS + 1  # the prefill's token, two measurements but their last step
+    # The prefill's token, the answer's first rounds, the step filling the pipeline and two
+    # measurements, but for their last step.
+    untrusted = 1 + BASELINE_AFTER + 2 * BASELINE_STEPS
     assert all("measuring baseline" in line and "×" not in line for _, line in shown[:untrusted])
     assert shown[untrusted][0] == 1  # the first trusted plain step
     assert all(re.search(r"baseline [\d.]+ tok/s measured · [\d.]+×", line) for _, line in shown[untrusted:])
@@ -348,10 +353,10 @@ def test_a_long_answer_measures_again_when_round_costs_drift(echo_pairs, clock):
         clock.now += 0.05 if i < 300 else 0.07
     measuring = [c.round.measuring for c in chunks[1:]]
     starts = [i for i, m in enumerate(measuring) if m and (i == 0 or not measuring[i - 1])]
-    # At once (nothing measured yet: two measurements in a row, that agree), then once after the
-    # drift.
-    assert len(starts) == 2 and starts[0] == 0, starts
-    assert measuring[: 2 * BASELINE_STEPS + 1] == [True] * (2 * BASELINE_STEPS + 1)
+    # Once the first rounds are over (nothing measured yet: two measurements in a row, that
+    # agree), then once after the drift.
+    assert len(starts) == 2 and starts[0] == BASELINE_AFTER, starts
+    assert all(measuring[BASELINE_AFTER : BASELINE_AFTER + 2 * BASELINE_STEPS + 1])
     assert 300 < starts[1] <= 300 + BASELINE_EVERY + 1
 
 
@@ -390,7 +395,7 @@ def test_a_cold_start_is_measured_until_two_measurements_agree(echo_pairs, clock
     monkeypatch.setattr(PlainSteps, "step", cold_step)
     pair = echo_pairs[("moe", True)]
     measurements_for(pair.target, pair.drafter).by_rows.clear()
-    chunks = read(clock, generate(pair, PROMPT, max_tokens=60, ignore_eos=True, draft_tokens=2), 0.01)
+    chunks = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True), 0.01)
     rounds = [c.round for c in chunks[1:]]
     measured = next(i for i, r in enumerate(rounds) if not r.measuring)
     # The fill, then steps of 18.8, 12.0 and 11.1 ms by measurement (reader's 10 ms, a tick, and

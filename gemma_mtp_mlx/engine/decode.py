@@ -25,8 +25,8 @@ A pair with nothing trusted to weigh drafting against (a fresh process without s
 engine/stored_costs.py) takes measurements one after another until two agree (the first plain
 steps of a process run slow, `RowCosts.end_measurement`): plain steps, which lose nothing
 against plain decoding, and no baseline samples: its meter shows no baseline and no speedup
-until then ("measuring baseline"). It drafts only from then on, the policy within a bound on
-what exploring may lose (`LossBudget`).
+until then ("measuring baseline"). The policy drafts only from then on, within a bound on what
+exploring may lose (`LossBudget`); a fixed K drafts through the answer's first rounds first.
 What the pair learned is written at the end of an answer (`close`), for the next process.
 """
 
@@ -225,10 +225,12 @@ class Decoder:
         checked = [s for s in self.streams if s.rounds_to_baseline <= 0]
         for s in checked:
             s.rounds_to_baseline = BASELINE_EVERY
-        due = not costs.trusted or (bool(checked) and costs.stale)
-        if due and not self.baseline_left:
+        cold = any(s.stats.rounds < BASELINE_AFTER for s in self.streams)
+        # Nothing trusted yet: the policy weighs drafting against a plain step, so it measures
+        # first; a fixed K drafts on, and measures once the answer's first rounds are over.
+        untrusted = not costs.trusted and (self.fixed_k is None or not cold)
+        if (untrusted or (bool(checked) and costs.stale)) and not self.baseline_left:
             self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
-            cold = any(s.stats.rounds < BASELINE_AFTER for s in self.streams)
             costs.start_measurement(provisional=cold or not costs.trusted)
         self.measuring = bool(self.baseline_left)
         if self.measuring:
