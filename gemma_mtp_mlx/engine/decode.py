@@ -167,10 +167,10 @@ class Decoder:
             self.streams.remove(stream)
 
     def close(self) -> None:
-        """Leave every cache holding exactly what was emitted (the plain look-ahead out), and
-        write what the pair learned for later processes."""
+        """Leave every cache holding exactly what was emitted (the plain look-ahead out); once no
+        answer is running, write what the pair learned for later processes."""
         self._close_plain()
-        if self.unsaved and self.measurements.store is not None:
+        if self.unsaved and not self.streams and self.measurements.store is not None:
             self.measurements.store.save(self.measurements)
             self.unsaved = False
 
