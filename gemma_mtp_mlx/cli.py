@@ -83,6 +83,7 @@ def main_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per answer.")] = False,
     forget_costs: Annotated[bool, typer.Option("--forget-costs", help="Forget the decoding costs earlier runs measured on this machine (the meter and the draft policy start over); then answer --prompt or --prompt-file, if given.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Say on stderr what gemma-chat starts from (e.g. stored costs, or why they were ignored).")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="With --prompt: replay the answer by plain decoding and say where they part (JSON: a 'verify' field); exit 1 on a difference rounding does not explain.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
 ):
@@ -122,6 +123,8 @@ def main_command(
             raise GemmaChatError("--raw needs --prompt or --prompt-file")
         if interactive and as_json:
             raise GemmaChatError("--json needs --prompt or input from a pipe")
+        if verify and prompt is None:
+            raise GemmaChatError("--verify needs --prompt")
         if resume is not None and (prompt_file is not None or raw):
             raise GemmaChatError("--resume continues a chat: not with --prompt-file or --raw")
         text = None
@@ -146,6 +149,7 @@ def main_command(
                 "--prompt-file": prompt_file is not None,
                 "--resume": resume is not None,
                 "--image-tokens": image_tokens is not None,
+                "--verify": verify,
             }
             given = [flag for flag, used in local_only.items() if used]
             if given:
@@ -180,7 +184,7 @@ def main_command(
         elif text is not None:
             for picture in pictures:
                 session.attach(picture)
-            one_shot(session, text, raw=raw, as_json=as_json, err=err)
+            one_shot(session, text, raw=raw, as_json=as_json, err=err, verify=verify)
         elif interactive:
             from .chat.repl import run_repl
 
@@ -444,11 +448,16 @@ def _capped_note(turn: Turn, err: Console) -> None:
         )
 
 
-def one_shot(session: Session, text: str, *, raw: bool, as_json: bool, err: Console) -> None:
-    """One answer on stdout; notes and the stats line on stderr."""
+def one_shot(
+    session: Session, text: str, *, raw: bool, as_json: bool, err: Console, verify: bool = False
+) -> None:
+    """One answer on stdout; notes and the stats line on stderr. With `verify`, /verify's
+    verdict too (in the JSON object, or on stderr); exit 1 when it is a bug."""
     turn = session.complete(text) if raw else session.ask(text)
-    _answer(turn, as_json=as_json, err=err)
+    verification = _answer(turn, as_json=as_json, err=err, verify=session.verify if verify else None)
     _capped_note(turn, err)
+    if verification is not None and verification.verdict == "bug":
+        raise typer.Exit(1)
 
 
 def scripted(session: Session, lines: Iterable[str], *, as_json: bool, err: Console) -> bool:
@@ -495,11 +504,16 @@ def _scripted_command(session: Session, name: str, arg: str) -> str:
     return SESSION_COMMANDS[name](session, arg)
 
 
-def _answer(turn: Turn, *, as_json: bool, err: Console) -> None:
+def _answer(turn: Turn, *, as_json: bool, err: Console, verify=None):
+    """Show one answer; with `verify` (a Session's), also its Verification, which it returns."""
     if as_json:
         turn.run()
-        print(json.dumps(answer_json(turn), ensure_ascii=False), flush=True)
-        return
+        out = answer_json(turn)
+        verification = verify() if verify else None
+        if verification is not None:
+            out["verify"] = verification.as_dict()
+        print(json.dumps(out, ensure_ascii=False), flush=True)
+        return verification
     from .chat.view import AnswerView
 
     out = stdout_console()
@@ -511,6 +525,13 @@ def _answer(turn: Turn, *, as_json: bool, err: Console) -> None:
             turn.close()
         view.finish(turn.stats)
     err.print(summary_line(turn), style="dim")
+    if verify:
+        verification = verify()
+        from .chat.verification import VERDICT_STYLE
+
+        err.print(verification.message, style=VERDICT_STYLE[verification.verdict], markup=False)
+        return verification
+    return None
 
 
 def answer_json(turn: Turn) -> dict:

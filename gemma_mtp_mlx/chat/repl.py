@@ -25,6 +25,7 @@ from rich.text import Text
 from ..errors import GemmaChatError
 from . import commands
 from .session import Session, Turn
+from .verification import VERDICT_STYLE
 from .view import AnswerView, meter_text
 
 # name -> (argument hint, what it does)
@@ -354,8 +355,7 @@ class Repl:
             else nullcontext()
         ):
             result = self.session.verify()
-        style = {True: "green", False: "bold red", None: "yellow"}[result.identical]
-        self.console.print(Text(result.message, style=style))
+        self.console.print(Text(result.message, style=VERDICT_STYLE[result.verdict]))
 
 
 def _drafting(turn: Turn) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..engine.context import Context, PrefillStopped
-from ..engine.generate import generate
+from ..engine.generate import encode_prompt, generate
 from ..engine.stats import GenerationStats
 from ..errors import GemmaChatError
 from ..images.files import ImageBytes, read_image_file
@@ -41,6 +41,7 @@ from .pictures import record, reread
 from .saved_cache import CacheRefused, cache_path, read_cache, write_cache
 from .thinking import ChannelSplitter, strip_channels
 from .transcript import Transcript, is_session, is_text, read_transcript, write_transcript
+from .verification import Verification, describe, difference_at, first_difference
 
 _PROBE = "gemma-chat-probe"
 # History is dropped to make room for an answer only when less than this is left (or than
@@ -99,13 +100,6 @@ class Loaded:
     dropped: int = 0  # oldest exchanges left out: they do not fit the context
     ids_refused: str | None = None  # why the transcript's token ids were not used
     pictures: list[str] = field(default_factory=list)  # one line per picture left out
-
-
-@dataclass
-class Verification:
-    identical: bool | None  # None: not comparable token by token (a sampled answer)
-    tokens: int
-    message: str
 
 
 class Turn:
@@ -465,6 +459,7 @@ class Session:
                 "keeps every token distributed exactly as the target's, but a sampled answer is "
                 "not token-identical to a replay; /verify compares greedy answers (--temp 0)",
             )
+        replay_context = Context(self.pair.target, slack=DEFAULT_SLACK, limit=self.context.limit)
         replay = [
             t
             for chunk in generate(
@@ -473,22 +468,22 @@ class Session:
                 max_tokens=n,
                 mtp=False,
                 ignore_eos=last.settings.ignore_eos,
-                context=Context(self.pair.target, slack=DEFAULT_SLACK, limit=self.context.limit),
+                context=replay_context,
             )
             for t in chunk.token_ids
         ]
-        first = next((i for i, (a, b) in enumerate(zip(replay, last.token_ids)) if a != b), None)
-        if first is None and len(replay) != n:
-            first = min(len(replay), n)
+        first = first_difference(last.token_ids, replay)
         how = "with MTP" if last.used_mtp else "without MTP"
         if first is None:
             message = f"identical: all {n} tokens of the last answer ({how}) match plain decoding"
-        else:
-            message = (
-                f"different: the last answer ({how}) and plain decoding part at token {first} "
-                f"of {n} ({_token_at(last.token_ids, first)} vs {_token_at(replay, first)})"
-            )
-        return Verification(first is None, n, message)
+            return Verification(True, n, message)
+        # The target's logits where they part, from a one-token step after the common prefix
+        # (the replay's context holds it: the prefill rolls back to it and runs one token).
+        prompt = encode_prompt(self.pair.tokenizer, last.prompt)
+        logits, _, _ = replay_context.prefill(prompt + replay[:first])
+        difference = difference_at(first, last.token_ids, replay, logits[0, -1])
+        message = describe(difference, n, how, lambda t: self.pair.tokenizer.decode([t]))
+        return Verification(False, n, message, difference)
 
     # -- /save and /load -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, replace: bool = False) -> Saved:
@@ -683,7 +678,3 @@ def _drop_oldest(history: list[dict]) -> list[dict]:
     while rest and rest[0]["role"] != "user":
         rest = rest[1:]
     return rest
-
-
-def _token_at(ids: list[int], i: int) -> str:
-    return f"id {ids[i]}" if i < len(ids) else "end"
