@@ -167,6 +167,7 @@ class Repl:
         self.console = console
         self.prompt = prompt
         self.debug = debug
+        self.parked_told: Turn | None = None  # the answer whose meter said why drafting parked
 
     def run(self) -> int:
         self.banner()
@@ -211,6 +212,8 @@ class Repl:
         if s.context_limit:  # a server (--endpoint) may not say
             parts.append(f"context {s.context_limit:,} tokens")
         self.console.print(Text(" · ".join(parts), style="bold"))
+        if s.model_name == "demo" and hasattr(s, "pair"):
+            self.console.print(Text(demo_note(s.pair), style="yellow"))
         self.console.print(Text(f"{KEYS_HELP} · /help lists commands", style="dim"))
 
     def note(self, message: str) -> None:
@@ -264,6 +267,10 @@ class Repl:
     def _meter(self, turn: Turn, stats) -> Text:
         if hasattr(turn, "meter"):  # answered by a server (serve/remote.py): its own figures
             return turn.meter()
+        # The first answer the policy parks drafting in says why, in words; later ones are short.
+        parked = turn.draft_now == 0 and turn.settings.draft_tokens is None
+        if parked and self.parked_told is None:
+            self.parked_told = turn
         return meter_text(
             stats,
             mtp=turn.used_mtp,
@@ -272,6 +279,7 @@ class Repl:
             context_used=self.session.context_used,
             context_limit=self.session.context_limit,
             thinking_tokens=turn.thinking_tokens,
+            parked_why=parked and self.parked_told is turn,
         )
 
     # -- slash commands ------------------------------------------------------------------------
@@ -356,6 +364,16 @@ class Repl:
         ):
             result = self.session.verify()
         self.console.print(Text(result.message, style=VERDICT_STYLE[result.verdict]))
+
+
+def demo_note(pair) -> str:
+    from mlx.utils import tree_flatten
+
+    params = sum(v.size for _, v in tree_flatten(pair.target.parameters()))
+    return (
+        f"the demo: a {params / 1e6:.0f} M-parameter Shakespeare pair, to try the app offline; "
+        "at this size MTP barely pays on a CPU"
+    )
 
 
 def _drafting(turn: Turn) -> str:

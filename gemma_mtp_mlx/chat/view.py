@@ -26,6 +26,7 @@ _LIST_ITEM = re.compile(r"^\s*([-*+]|\d{1,9}[.)])(\s|$)")
 # keeps the exact text.
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _THINKING = "dim italic"
+PARKED_WHY = "drafting does not pay on this pair on this machine: plain decoding"
 
 
 def stable_prefix(text: str) -> int:
@@ -60,10 +61,12 @@ def meter_text(
     context_used: int,
     context_limit: int,
     thinking_tokens: int = 0,
+    parked_why: bool = False,
 ) -> Text:
     """One line: tok/s now, measured baseline, speedup, acceptance, tokens per target forward,
     draft length (`draft`; 0 = parked, None = not chosen yet) or MTP off, thinking tokens,
-    context used. Every figure is measured: nothing is shown until it exists."""
+    context used. Every figure is measured: nothing is shown until it exists. `parked_why`
+    says in words why drafting is parked (the chat does once)."""
     parts: list[str] = []
     if stats is None or not stats.tokens_per_second:
         parts.append("prefilling…" if stats is None else "– tok/s")
@@ -86,7 +89,7 @@ def meter_text(
         if stats and stats.mean_accepted_length:
             parts.append(f"{stats.mean_accepted_length:.2f} tok/forward")
         if draft == 0:
-            parts.append("drafting parked")
+            parts.append(PARKED_WHY if parked_why else "drafting parked")
         elif draft is None:
             parts.append("draft K=auto")
         else:
