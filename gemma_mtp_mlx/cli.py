@@ -678,7 +678,8 @@ def bench_command(
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", min=2, help="Tokens per run (pair: 128, 48 with --quick; shape: 64, 32 with --quick; fresh processes: 300, 64 with --quick).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="One timed run per variant and shorter runs (pair: K swept on prose only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
-    png: Annotated[Path | None, typer.Option("--png", help="Pair bench: folder for the PNGs (default: . without --json).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="DIR", help="Draw the figures into DIR (the `plot` extra: matplotlib): --shape's speedup against acceptance, the pair bench's cost curve and tok/s per K.")] = None,
+    from_json: Annotated[Path | None, typer.Option("--from-json", metavar="FILE", help="Show (and with --plot, draw) a bench's saved --json output instead of running one.")] = None,
     repeats: Annotated[int | None, typer.Option("--repeats", min=1, help="Timed runs per variant (1 with --quick, else 3; --moe-curve: 5 passes).")] = None,
     moe: Annotated[bool, typer.Option("--moe-curve", help="Only the MoE verify cost curve: ours vs mlx-lm on a random 26B-A4B-core stack (no model is loaded).")] = False,
     moe_layers: Annotated[int, typer.Option("--moe-layers", min=1, help="Layers of that stack (each ~3.2 GB fp32).")] = 4,
@@ -696,7 +697,7 @@ def bench_command(
     try:
         run(model=model, drafter=drafter, shape=shape, acceptances=acceptances,
             layers=layers, max_tokens=max_tokens, quick=quick, repeats=repeats, as_json=as_json,
-            png=png, moe=moe, moe_layers=moe_layers, fresh=fresh, err=err)
+            plot=plot, saved=from_json, moe=moe, moe_layers=moe_layers, fresh=fresh, err=err)
     except GemmaChatError as e:
         _fail(err, str(e), debug)
     except KeyboardInterrupt:

@@ -185,7 +185,7 @@ def test_mlx_vlm_with_the_real_drafter_decodes_like_ours(echo_pairs):
 
 
 # -- the reports -------------------------------------------------------------------------------
-def test_shape_bench_json_holds_every_row_with_sane_figures(tiny_pairs):
+def test_shape_bench_json_holds_every_row_with_sane_figures(tiny_pairs, tmp_path):
     pair = tiny_pairs["26b"]
     s = tiny_shape("26b", 6)
     result = run_shape_bench(pair, s, [0.5, 0.9], max_tokens=24, repeats=1, cost_reps=1, prompt_tokens=16)
@@ -218,6 +218,18 @@ def test_shape_bench_json_holds_every_row_with_sane_figures(tiny_pairs):
     assert expected[0.9, "k3"] > expected[0.5, "k3"]  # more acceptance, more promised
     assert ideal[0.5, "policy"] == max(ideal[0.5, v] for v in variants if v != "mlx_vlm")
     assert set(result["goals"]) >= {"policy_efficiency", "vs_mlx_vlm", "plain_vs_mlx_lm"}
+    # The speed story, drawn again from the saved JSON without running anything.
+    saved = tmp_path / "bench.json"
+    saved.write_text(json.dumps(result))
+    shown = CliRunner().invoke(app, ["bench", "--from-json", str(saved), "--plot", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    assert "simulated acceptance 0.90" in shown.output and "speed-26b.svg" in shown.output
+    svg = (tmp_path / "speed-26b.svg").read_text()
+    for label in ("K per round by the policy", "the best fixed K", "ideal", result["machine"]["cpu"]):
+        assert label in svg, label
+    assert ("mlx-vlm MTP" in svg) == ("mlx_vlm" in variants)
+    bad = CliRunner().invoke(app, ["bench", "--from-json", str(tmp_path / "missing.json")])
+    assert bad.exit_code == 1 and "cannot read a bench result" in bad.output
 
 
 def test_quick_pair_bench_reports_every_field_with_identical_outputs(echo_pairs):

@@ -12,7 +12,8 @@ Four benches, one per question:
 
 The files: measure.py times runs and alternates variants; peers.py runs mlx-lm and mlx-vlm on our
 arrays; costs.py measures isolated step costs; report.py turns runs into figures; render.py and
-plots.py show them; machine.py says where it ran. Speed goals live here, never in tests.
+plots.py show them (`--plot DIR`; `--from-json FILE` shows a saved run again); machine.py says
+where it ran. Speed goals live here, never in tests.
 """
 
 import json
@@ -32,30 +33,33 @@ def run(
     quick: bool = False,
     repeats: int | None = None,
     as_json: bool = False,
-    png: Path | None = None,
+    plot: Path | None = None,
+    saved: Path | None = None,
     moe: bool = False,
     moe_layers: int = 4,
     fresh: bool = False,
     out: Console | None = None,
     err: Console | None = None,
 ) -> dict:
-    """Run the bench the options ask for; print JSON or tables; return the result."""
+    """Run the bench the options ask for (or read a `saved` run's JSON); print JSON or tables,
+    draw the figures into `plot`; return the result."""
     out = out or Console(highlight=False)
     err = err or Console(stderr=True, highlight=False)
 
     def say(message: str) -> None:
         err.print(f"[dim]bench: {message}[/]")
 
-    if moe:
+    from . import render as renders
+
+    if saved is not None:
+        result = _read_saved(saved)
+    elif moe:
         from .costs import moe_config, moe_curve
-        from .render import render_moe_curve
 
         say(f"MoE verify cost curve, {moe_layers} random 26B-A4B-core layers")
         result = moe_curve(moe_config(moe_layers), reps=repeats or 5)
-        render = render_moe_curve
     elif fresh:
         from .fresh import run_fresh
-        from .render import render_fresh as render
 
         result = run_fresh(
             model, drafter, max_tokens=max_tokens or (64 if quick else 300),
@@ -63,17 +67,46 @@ def run(
         )
     elif shape is not None:
         result = _shape_bench(shape, acceptances or [0.6, 0.8], layers, max_tokens, quick, repeats, say)
-        from .render import render_shape as render
     else:
-        result = _pair_bench(model, drafter, max_tokens, quick, repeats, as_json, png, say)
-        from .render import render_pair as render
+        result = _pair_bench(model, drafter, max_tokens, quick, repeats, say)
+    fresh_run = result.get("mode") == "fresh-processes"
+    if plot is not None and "dims" not in result and not fresh_run:  # those two are tables
+        result["plots"] = _plots(result, plot)
+    render = (
+        renders.render_moe_curve if "dims" in result
+        else renders.render_fresh if fresh_run
+        else renders.render_shape if "rows" in result
+        else renders.render_pair
+    )
     if as_json:
         print(json.dumps(result))
     else:
         render(result, out)
-        for p in result.get("png", []):
+        for p in result.get("plots", []):
             out.print(f"wrote {p}")
     return result
+
+
+def _read_saved(path: Path) -> dict:
+    from ...errors import GemmaChatError
+
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise GemmaChatError(f"cannot read a bench result from {path}: {e}") from None
+    if not isinstance(result, dict) or "machine" not in result:
+        raise GemmaChatError(f"{path} is not the --json output of gemma-chat bench")
+    return result
+
+
+def _plots(result: dict, folder: Path) -> list[str]:
+    from ...errors import GemmaChatError
+
+    try:
+        from .plots import save_plots
+    except ImportError:
+        raise GemmaChatError("--plot needs matplotlib: pip install 'gemma-chat[plot]'") from None
+    return [str(p) for p in save_plots(result, folder)]
 
 
 def _shape_bench(name, acceptances, layers, max_tokens, quick, repeats, say) -> dict:
@@ -91,25 +124,15 @@ def _shape_bench(name, acceptances, layers, max_tokens, quick, repeats, say) -> 
     )
 
 
-def _pair_bench(model, drafter, max_tokens, quick, repeats, as_json, png, say) -> dict:
+def _pair_bench(model, drafter, max_tokens, quick, repeats, say) -> dict:
     from ...errors import GemmaChatError
     from ...loading import load
     from .pair_bench import run_bench
-    from .plots import save_pngs
 
     pair = load(model, drafter)
     if pair.drafter is None:
         raise GemmaChatError(f"no MTP drafter found for {model}: pass --drafter")
-    result = run_bench(
+    return run_bench(
         pair, max_tokens=max_tokens or (48 if quick else 128), repeats=repeats or (1 if quick else 3),
         quick=quick, cost_reps=7 if quick else 15, progress=say,
     )
-    folder = png if png is not None else (None if as_json else Path("."))
-    if folder is not None:
-        try:
-            result["png"] = [str(p) for p in save_pngs(result, folder)]
-        except ImportError:
-            result["notes"].append(
-                "PNG skipped: matplotlib is not installed (pip install 'gemma-chat[plot]')"
-            )
-    return result
