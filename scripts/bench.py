@@ -1,7 +1,7 @@
 """`make bench`: `gemma-chat bench` without the installed entry point (the same options).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 .venv/bin/python scripts/bench.py \\
-        [--model demo | --shape e2b --acceptance 0.6,0.8] [--quick] [--json] [--png DIR]
+        [--model demo | --shape e2b --acceptance 0.6,0.8] [--quick] [--json] [--plot DIR]
 
 The code is in gemma_mtp_mlx/tools/bench/.
 """
