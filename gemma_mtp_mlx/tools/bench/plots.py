@@ -68,7 +68,7 @@ def speed_story(result: dict, folder: Path) -> Path:
     )
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    caption = textwrap.fill(machine_caption(result["machine"]), 130)
+    caption = textwrap.fill("; ".join([machine_caption(result["machine"]), *result["notes"]]), 130)
     fig.text(0.01, 0.01, caption, fontsize=6.5, color="dimgrey")
     fig.tight_layout(rect=(0, 0.02 + 0.02 * caption.count("\n") + 0.02, 1, 1))
     path = folder / f"speed-{result['shape']}.svg"
