@@ -26,12 +26,13 @@ def tiny_pair(tmp_path_factory):
     return load(str(build_tiny(tmp_path_factory)))  # its own: a test edits its weights
 
 
-def perturb_verify(monkeypatch, token: int, amount: float):
-    """Add `amount` to `token`'s logit in every verify pass (not in prefills or plain steps)."""
+def perturb_verify(monkeypatch, pair, tokens: list[int], amount: float):
+    """Add `amount` to these tokens' logits in every verify pass (not in prefills or plain
+    steps)."""
     accept = speculative.accept
+    bump = mx.array(np.isin(np.arange(pair.target.args.vocab_size), tokens) * amount, dtype=mx.float32)
 
     def perturbed(logits, drafts, q, sampler):
-        bump = mx.where(mx.arange(logits.shape[-1]) == token, amount, 0.0)
         return accept(logits + bump, drafts, q, sampler)
 
     monkeypatch.setattr(speculative, "accept", perturbed)
@@ -44,7 +45,7 @@ def plain_answer(pair) -> list[int]:
 def test_a_token_far_below_the_targets_choice_is_a_bug(tiny_pair, monkeypatch):
     plain = plain_answer(tiny_pair)
     unused = max(set(range(tiny_pair.target.args.vocab_size)) - set(plain))
-    perturb_verify(monkeypatch, unused, 100.0)
+    perturb_verify(monkeypatch, tiny_pair, [unused], 100.0)
     session = Session(tiny_pair, SETTINGS)
     answer = session.ask(PROMPT).run().token_ids
     result = session.verify()
@@ -56,24 +57,27 @@ def test_a_token_far_below_the_targets_choice_is_a_bug(tiny_pair, monkeypatch):
 
 def test_two_tokens_the_target_scores_alike_are_a_near_tie(tiny_pair, monkeypatch):
     plain = plain_answer(tiny_pair)
-    # A twin of a token from the middle of the answer (which a verify pass picks: the first few
-    # are plain steps that measure the baseline, the last one too): the same row of the tied
-    # embedding, at a higher id, gets exactly its logit; greedy keeps the lower id.
-    token = plain[len(plain) // 2]
-    twin = max(set(range(tiny_pair.target.args.vocab_size)) - set(plain))
+    # Each token of the answer gets a twin: the same row of the tied embedding at a higher id,
+    # so the same logit everywhere; greedy keeps the lower id. Whichever position a verify pass
+    # decides first (the first few are plain steps that measure the baseline), its token has
+    # a twin there.
+    unused = sorted(set(range(tiny_pair.target.args.vocab_size)) - set(plain), reverse=True)
+    twins = dict(zip(sorted(set(plain), reverse=True), unused))
+    twins = {token: twin for token, twin in twins.items() if twin > token}
     embed = tiny_pair.target.model.embed_tokens
     weights = np.array(embed.weight)
-    weights[twin] = weights[token]
+    for token, twin in twins.items():
+        weights[twin] = weights[token]
     embed.weight = mx.array(weights)
     assert plain_answer(tiny_pair) == plain
-    perturb_verify(monkeypatch, twin, 1e-6)  # what summing in another order moves a logit by
+    perturb_verify(monkeypatch, tiny_pair, list(twins.values()), 1e-6)  # what another summation order moves
     session = Session(tiny_pair, SETTINGS)
     answer = session.ask(PROMPT).run().token_ids
     result = session.verify()
     d = result.difference
     assert result.verdict == "near-tie" and result.identical is False
-    assert d.position == answer.index(twin) >= 1 and plain[d.position] == token
-    assert (d.answer_token, d.plain_token) == (twin, token)
+    assert d.position >= 1 and answer[: d.position] == plain[: d.position]
+    assert (d.answer_token, d.plain_token) == (twins[plain[d.position]], plain[d.position])
     assert abs(d.margin) <= d.tolerance < 1e-4 and "within rounding" in result.message
 
 
