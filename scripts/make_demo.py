@@ -10,23 +10,25 @@ Stages, in order (each resumes from what --work already holds):
 - corpus, tokenizer: the texts (The Tempest held out) and a 4,096-token BPE;
 - target: pre-training on plain text and one-turn chats that continue a paragraph;
 - drafter: `gemma-chat train-drafter` on that target;
-- chat: the target fine-tuned on chats whose answers are whole speeches (a few lines of verse
-  or prose with the speaker's name and stage directions taken out), so that a demo answer is a
-  short speech rather than one stage direction;
-- chat-drafter: the drafter distilled further on the fine-tuned target and those chats;
+- chat: the target fine-tuned on whole one-turn chats (a quarter after an earlier exchange),
+  the loss on the answers, whose answers are whole speeches of 4-8 lines (the speaker's name and
+  stage directions taken out) through their end-of-turn token, so that a demo answer is a short
+  speech that ends;
+- chat-drafter: the drafter distilled further on the fine-tuned target's own greedy answers to
+  training chat prompts;
 - package: into gemma_mtp_mlx/assets/demo;
 - evaluate: greedy acceptance (K = 3) and lines per answer on the held-out chat prompts
   (fixtures/demo_prompts.py), of the pair in --work or, with --evaluate DIR, of any pair.
 
 `--pretrained DIR` takes a pair the first stages made (a target folder with the tokenizer and an
-`assistant/` drafter) instead of training them again, e.g. the shipped one:
+`assistant/` drafter) instead of training them again, e.g. the one shipped before the chat stages:
 
-    git archive HEAD gemma_mtp_mlx/assets/demo | tar -x -C /tmp/previous
+    git archive ec594c7 gemma_mtp_mlx/assets/demo | tar -x -C /tmp/previous
     ... scripts/make_demo.py --work /tmp/demo --pretrained /tmp/previous/gemma_mtp_mlx/assets/demo
 
-The shipped pair is the output of the stages up to `drafter` (70 + 20 minutes on an idle 2-core
-CPU); the chat stages are its next retrain, not yet run to the end (the commit that added them
-says how far they got).
+The shipped pair is the output of every stage: target and drafter 70 + 20 minutes on an idle
+2-core CPU; from that pair, chat (80 steps) 9 minutes, the answers 3 and chat-drafter 20 (285
+steps) on the same CPU shared with other work (one BLAS thread).
 """
 
 import argparse
@@ -186,8 +188,10 @@ INLINE_SPEAKER = re.compile(r"^\s*[A-Z][A-Z' ]+\.\s+")  # "  SEBASTIAN. Let's ta
 STAGE_DIRECTION = re.compile(r"[\[{][^\]}]*([\]}]|$)")  # may span lines
 # Headings, licences and an edition's notes ("409. ~without all doubt~, _i.e._ ...").
 NOT_VERSE = re.compile(r"gutenberg|http|e-?text|ebook|copyright|[*~_]|^\s*(act|scene|\d+\.)\b", re.I | re.M)
-SPEECH_LINES = (3, 10)  # an answer is a whole speech of this many lines
+SPEECH_LINES = (4, 8)  # an answer is a whole speech of this many lines
 PROMPT_CHARS = 120
+CHAT_ROW_MAX = 224  # tokens; the few longer chats are left out
+CHAT_BUCKET = 32  # rows are padded to a multiple of this, so that few shapes compile
 
 
 def speech(paragraph: str) -> list[str]:
@@ -221,23 +225,51 @@ def chat_turns(texts: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def chat_text(turns: list[tuple[str, str]], rng: random.Random) -> str:
-    """The turns as chats in the template's format, a quarter of them after an earlier
-    exchange (which the template renders without its thought channel)."""
-    chats = []
+def chat_rows(tokenizer, turns: list[tuple[str, str]], rng: random.Random) -> list[tuple[list[int], int]]:
+    """Each turn as one whole chat in the template's format, a quarter of them after an earlier
+    exchange (which the template renders without its thought channel): (token ids, where the
+    answer starts). The answer runs through its end-of-turn token, which is what ends a demo
+    answer."""
+    rows = []
     for prompt, answer in turns:
-        chat = chat_sample(prompt, answer)
+        chat = chat_sample(prompt, answer).removesuffix("\n")
         if rng.random() < 0.25:
             earlier, reply = rng.choice(turns)
             history = f"<bos><|turn>user\n{earlier}<turn|>\n<|turn>model\n{reply}<turn|>\n"
             chat = history + chat.removeprefix("<bos>")
-        chats.append(chat)
-    return "\n\n".join(chats) + "\n\n"
+        ids = tokenizer.encode(chat, add_special_tokens=False)
+        question = tokenizer.encode(chat[: chat.rindex("<channel|>")] + "<channel|>", add_special_tokens=False)
+        if len(ids) <= CHAT_ROW_MAX:
+            rows.append((ids, len(question)))
+    return rows
 
 
-def fine_tune_chat(work: Path, chats: np.ndarray, text: np.ndarray, held: np.ndarray, steps: int):
-    """The pre-trained target (work/target) trained further on `chats`, a fifth of the
-    batches pre-training text so that it keeps its prose, into work/chat_target."""
+def chat_batches(rows: list[tuple[list[int], int]], batch: int, rng: random.Random):
+    """Batches of rows of about one length, padded to a multiple of CHAT_BUCKET: (inputs,
+    targets, mask) with the mask on the answers' tokens alone."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    groups = [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)]
+    while True:
+        rng.shuffle(groups)
+        for group in groups:
+            width = -(-max(len(rows[i][0]) for i in group) // CHAT_BUCKET) * CHAT_BUCKET
+            tokens = np.zeros((len(group), width + 1), np.int32)
+            mask = np.zeros((len(group), width), np.float32)
+            for r, i in enumerate(group):
+                ids, answer = rows[i]
+                tokens[r, : len(ids)] = ids
+                mask[r, answer - 1 : len(ids) - 1] = 1  # predicting the answer's tokens
+            yield mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(mask)
+
+
+def answer_loss(model, x, y, mask):
+    losses = nn.losses.cross_entropy(model(x), y, reduction="none")
+    return (losses * mask).sum() / mask.sum()
+
+
+def fine_tune_chat(work: Path, rows: list, held_rows: list, steps: int, batch: int = 16):
+    """The pre-trained target (work/target) trained further on whole chats, the loss on the
+    answers, into work/chat_target; checkpointed with the loss on held-out chats."""
     out = work / "chat_target"
     progress = out / "progress.json"
     model = Model(ModelArgs.from_config(TARGET_CONFIG))
@@ -248,16 +280,78 @@ def fine_tune_chat(work: Path, chats: np.ndarray, text: np.ndarray, held: np.nda
     else:
         model.load_weights(str(work / "target" / "model.safetensors"))
     mx.eval(model.parameters())
-    warmup, batch = 10, 8
+    warmup = 10
     schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-5, 1e-3, warmup), optim.cosine_decay(1e-3, steps - warmup, 1e-4)],
+        [optim.linear_schedule(1e-5, 5e-4, warmup), optim.cosine_decay(5e-4, steps - warmup, 5e-5)],
         [warmup],
     )
-    # Windows about one chat long: a chat is ~120 tokens, and a step costs what it holds.
-    train_windows(model, out, step, steps, batch, schedule, [(chats, 0.8), (text, 0.2)], held,
-                  checkpoint_every=25, seq=128)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.05)
+    optimizer.state["step"] = mx.array(step)
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(x, y, mask):
+        loss, grads = nn.value_and_grad(model, answer_loss)(model, x, y, mask)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        return loss
+
+    def save():
+        save_model(model, TARGET_CONFIG, out)
+        held = chat_batches(held_rows, len(held_rows), random.Random(0))
+        loss = answer_loss(model, *next(held)).item()
+        (out / "progress.json").write_text(json.dumps({"step": step, "held_out_chat_loss": loss}))
+        print(f"checkpoint step {step}: held-out chat loss {loss:.3f}", flush=True)
+
+    batches = chat_batches(rows, batch, random.Random(step))
+    started, seen = time.time(), 0
+    while step < steps:
+        x, y, mask = next(batches)
+        loss = train_step(x, y, mask)
+        mx.eval(state)
+        step += 1
+        seen += x.size
+        if step % 5 == 0:
+            print(f"step {step} loss {loss.item():.3f} {seen / (time.time() - started):.0f} tok/s", flush=True)
+            started, seen = time.time(), 0
+        if step % 20 == 0:
+            save()
+    save()
     for f in (work / "tokenizer").iterdir():
         shutil.copy(f, out / f.name)
+
+
+def chat_answers(target: Path, prompts: list[str], out: Path, tokens: int = 96):
+    """The target's own greedy answers to `prompts`, run on `tokens` past the question with the
+    end of turn banned, as the acceptance measure runs them: what its drafter learns from.
+    Written as chat text for `gemma-chat train-drafter`."""
+    from gemma_mtp_mlx import load
+
+    pair = load(str(target))
+    tok = pair.tokenizer
+    questions = {}
+    for prompt in prompts:
+        message = [{"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(message, add_generation_prompt=True, enable_thinking=False)
+        questions.setdefault(len(ids), []).append(ids)
+    ban = mx.zeros((pair.target.args.vocab_size,))
+    ban[mx.array(sorted(tok.eos_token_ids))] = -mx.inf
+    chats = []
+    for group in questions.values():
+        for i in range(0, len(group), 64):  # questions of one length decode as one batch
+            ids = mx.array(group[i : i + 64])
+            cache = pair.target.make_cache(slack=tokens)
+            logits = pair.target(ids, cache, last_only=True)[:, -1]
+            answer = []
+            for _ in range(tokens):
+                answer.append(mx.argmax(logits + ban, axis=-1))
+                mx.async_eval(answer[-1])
+                logits = pair.target(answer[-1][:, None], cache)[:, -1]
+            for row in np.array(mx.concatenate([ids, mx.stack(answer, axis=1)], axis=1)):
+                chats.append(tok.decode(row.tolist()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(chats) + "\n\n")
+    print(f"{len(chats)} answers of {tokens} tokens written to {out}", flush=True)
 
 
 def train_windows(model, out: Path, step: int, total_steps: int, batch: int, schedule,
@@ -349,8 +443,10 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/gemma-chat-demo"))
     parser.add_argument("--target-minutes", type=float, default=70)
     parser.add_argument("--drafter-minutes", type=float, default=20)
-    parser.add_argument("--chat-steps", type=int, default=100)
+    parser.add_argument("--chat-steps", type=int, default=80)
     parser.add_argument("--chat-drafter-minutes", type=float, default=20)
+    parser.add_argument("--chat-drafter-steps", type=int, default=500)
+    parser.add_argument("--answers", type=int, default=1024, help="target answers the chat drafter learns from")
     parser.add_argument("--pretrained", type=Path, help="a pair to start the chat stages from")
     parser.add_argument("--stage", choices=["all", *STAGES], default="all")
     parser.add_argument("--evaluate", type=Path, metavar="DIR", help="only evaluate the pair in DIR")
@@ -381,12 +477,9 @@ def main():
         (work / "train.txt").write_text("\n\n".join(train_texts))
     stream, held = np.load(data), np.load(work / "held.npy")
     print(f"{len(stream)} training tokens, {len(held)} held-out tokens", flush=True)
-    chats = work / "chats.npy"
-    if not chats.is_file():
-        text = chat_text(chat_turns(train_texts), random.Random(1))
-        (work / "chats").mkdir(exist_ok=True)
-        (work / "chats" / "chats.txt").write_text(text)
-        np.save(chats, np.array(tokenizer.encode(text, add_special_tokens=False), dtype=np.uint16))
+    turns = chat_turns(train_texts)
+    prompts = [prompt for prompt, _ in turns]
+    random.Random(2).shuffle(prompts)
 
     if "target" in stages:
         train_target(work, stream, held, args.target_minutes)
@@ -395,12 +488,18 @@ def main():
     if "drafter" in stages:
         distil(work / "target", work / "train.txt", work / "assistant", args.drafter_minutes)
     if "chat" in stages:
-        fine_tune_chat(work, np.load(chats), stream, held, args.chat_steps)
+        rows = chat_rows(tokenizer, turns, random.Random(1))
+        held_rows = chat_rows(tokenizer, chat_turns(held_texts), random.Random(1))[:32]
+        print(f"{len(rows)} training chats, {len(held_rows)} held out", flush=True)
+        fine_tune_chat(work, rows, held_rows, args.chat_steps)
     if "chat-drafter" in stages:
+        answers = work / "answers" / "answers.txt"
+        if not answers.is_file():
+            chat_answers(work / "chat_target", prompts[: args.answers], answers)
         if not (work / "chat_assistant" / "progress.json").is_file():
             seed_drafter(work / "assistant", work / "chat_assistant")
-        distil(work / "chat_target", work / "chats" / "chats.txt", work / "chat_assistant",
-               args.chat_drafter_minutes, "--lr", "5e-4", "--seq-len", "128")
+        distil(work / "chat_target", answers, work / "chat_assistant", args.chat_drafter_minutes,
+               "--steps", str(args.chat_drafter_steps), "--seq-len", "128", "--self-distill", "0")
     if "package" in stages:
         if ASSETS.exists():
             shutil.rmtree(ASSETS)
