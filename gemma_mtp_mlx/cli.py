@@ -77,6 +77,7 @@ def main_command(
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: encode the text as is.")] = False,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Run to --max-tokens.")] = False,
     quantize: Annotated[int | None, typer.Option("--quantize", help="Quantise the target at load: 4 or 8.")] = None,
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="Eager steps: the graph built in Python at every step (slower on the host; for comparison).")] = False,
     endpoint: Annotated[str | None, typer.Option("--endpoint", help="Chat with the model of this OpenAI-compatible server (gemma-chat serve, mlx_lm.server, Ollama, vLLM) instead of a local one.")] = None,
     api_key_env: Annotated[str | None, typer.Option("--api-key-env", help="With --endpoint: the environment variable that holds the server's API key.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, metavar="SECONDS", help="With --endpoint: how long to wait for the server's first token, or the next one (default 60).")] = None,
@@ -143,6 +144,7 @@ def main_command(
                 "--no-mtp": no_mtp,
                 "--draft-tokens": draft_tokens is not None,
                 "--quantize": quantize is not None,
+                "--no-compile": no_compile,
                 "--precision": precision is not None,
                 "--max-memory": max_memory is not None,
                 "--context": context is not None,
@@ -172,6 +174,7 @@ def main_command(
             )
             if image_tokens is not None and pair.vision is not None:
                 pair.vision.set_budget(image_tokens)
+            pair.compile = not no_compile
             if pair.drafter is None and not no_mtp:
                 why = f" ({pair.drafter_note})" if pair.drafter_note else ""
                 err.print(f"warning: no MTP drafter for {model}{why}: plain decoding", style="yellow")
@@ -577,6 +580,7 @@ def serve(
     no_mtp: Annotated[bool, typer.Option("--no-mtp", help="Plain decoding with the target alone.")] = False,
     draft_tokens: Annotated[int | None, typer.Option("--draft-tokens", "-k", min=0, help="Drafts per round (default: chosen per round from measured costs).")] = None,
     quantize: Annotated[int | None, typer.Option("--quantize", help="Quantise the target at load: 4 or 8.")] = None,
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="Eager steps: the graph built in Python at every step (slower on the host; for comparison).")] = False,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network this machine is on).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8080,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, help="Requests answered together (one target forward verifies them all); more wait in line.")] = 4,
@@ -612,6 +616,7 @@ def serve(
         )
         # A picture's data: URL is up to 20 MiB of file, a third more in base64.
         options.max_request_bytes = max_request_bytes or (32 << 20 if pair.vision else 1 << 20)
+        pair.compile = not no_compile
         if not is_loopback(host):
             err.print(
                 f"warning: --host {host} opens the server beyond this machine: anyone who can reach it can use the model (no authentication)",

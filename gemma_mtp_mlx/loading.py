@@ -43,6 +43,7 @@ class Pair:
     drafter_note: str | None = None
     context: int | None = None  # the context sessions on this pair get (None: the model's)
     vision: object = None  # images.vision.Vision when the checkpoint carries a vision tower
+    compile: bool = True  # decode with compiled steps (engine/steps.py); False: eager
 
     @property
     def context_limit(self) -> int:
@@ -55,7 +56,7 @@ class Pair:
 
 def load(
     model: str, drafter: str | None = "auto", *, precision: str = DEFAULT_PRECISION,
-    quantize: int | None = None, context: int | None = None,
+    quantize: int | None = None, context: int | None = None, compile: bool = True,
 ) -> Pair:
     """Load a target (and its drafter) by alias, hub repo id or local folder.
 
@@ -65,10 +66,13 @@ def load(
     a local target, or `<repo>-assistant` on the hub; None loads no drafter. `context` caps
     the tokens a conversation may hold (default: the model's whole context), and with it the
     KV cache. Refuses, before downloading anything, a pair that would not fit in 75 % of this
-    machine's memory at that context.
+    machine's memory at that context. `compile=False` decodes with eager steps (the graph
+    built in Python at every step) instead of compiled ones.
     """
-    return load_plan(plan(model, drafter, precision=precision), quantize=quantize,
+    pair = load_plan(plan(model, drafter, precision=precision), quantize=quantize,
                      limit=memory.default_limit(), context=context)
+    pair.compile = compile
+    return pair
 
 
 # -- names -> sources ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ def generate_batch(
     draft_tokens: int | None = None,
     ignore_eos: bool = False,
     raw: bool = False,
+    compile: bool | None = None,
 ) -> Iterator[tuple[int, Answer]]:
     """(index, answer) for each of `prompts` (anything `encode_prompt` takes) as it finishes,
     `batch` running at a time (all at once by default). Each row's tokens are those of
@@ -44,7 +45,7 @@ def generate_batch(
     and follow the target's distribution exactly. `max_tokens` may be one limit per prompt."""
     limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     base_seed = seed if seed is not None else time.time_ns() % 2**32
-    decoder = Decoder(pair, mtp=mtp, draft_tokens=draft_tokens)
+    decoder = Decoder(pair, mtp=mtp, draft_tokens=draft_tokens, compile=compile)
     running = {}  # stream -> (index, its tokens so far)
     waiting = list(range(len(prompts)))
     width = batch or len(prompts)

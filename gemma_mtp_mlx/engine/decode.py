@@ -43,6 +43,7 @@ from .policy import POLICY_MAX_DRAFT, LossBudget
 from .sampling import Sampler
 from .speculative import Row, run_round
 from .stats import GenerationStats, RoundStats
+from .steps import steps_for
 from .stored_costs import CostStore
 
 # Every duration here is read from this clock (tests put a controlled one in its place).
@@ -89,19 +90,23 @@ def answer_end(new: list[int], done: int, max_tokens: int, stop: Iterable[int]) 
 
 
 class Decoder:
-    def __init__(self, pair, *, mtp: bool = True, draft_tokens: int | None = None):
+    def __init__(
+        self, pair, *, mtp: bool = True, draft_tokens: int | None = None,
+        compile: bool | None = None,
+    ):
+        """`compile`: compiled steps or eager ones (engine/steps.py); None: as the pair says."""
         self.target = pair.target
         self.drafter = pair.drafter if mtp else None
+        self.compile = pair.compile if compile is None else compile
+        self.steps = steps_for(self.target, self.drafter, self.compile)
         if draft_tokens is not None and not 0 <= draft_tokens <= max_draft_tokens():
             raise GemmaChatError(
                 f"draft tokens must be between 0 and {max_draft_tokens()}"
             )
         self.fixed_k = draft_tokens
-        # Keyed on the pair's compile mode until the decoder has its own (issue 26).
-        compile_mode = getattr(pair, "compile", False)
-        self.measurements = measurements_for(self.target, self.drafter, compile_mode)
+        self.measurements = measurements_for(self.target, self.drafter, self.compile)
         if self.drafter is not None and self.measurements.store is None:
-            self.measurements.store = CostStore.open(pair, self.measurements, compile_mode)
+            self.measurements.store = CostStore.open(pair, self.measurements, self.compile)
         self.budget = LossBudget()
         self.unsaved = False  # rounds run since the pair's costs were last written
         self.streams: list[Stream] = []
@@ -199,7 +204,7 @@ class Decoder:
             if not self.streams:
                 return out
         streams = list(self.streams)
-        results = run_round([s.row for s in streams], self.drafter, k)
+        results = run_round([s.row for s in streams], self.steps, k)
         end = clock()
         if not handed_over:  # after a hand-over the round's time lacks the reader's work
             warm = all(s.stats.rounds >= BASELINE_AFTER for s in streams)
@@ -248,7 +253,7 @@ class Decoder:
     def _plain_step(self, costs: RowCosts) -> list[Emitted]:
         steady = self.plain is not None  # the first step also builds the forward it queues
         if self.plain is None:
-            self.plain = PlainSteps([s.row for s in self.streams])
+            self.plain = PlainSteps([s.row for s in self.streams], self.steps)
         self.plain_measuring = self.measuring
         ids = self.plain.step()
         end = clock()

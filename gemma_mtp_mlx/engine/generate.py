@@ -74,18 +74,20 @@ def generate(
     ignore_eos: bool = False,
     raw: bool = False,
     context: Context | None = None,
+    compile: bool | None = None,
 ) -> Iterator[Chunk]:
     """Stream the answer to `prompt`. With `mtp` and a drafter, speculative rounds of
     `draft_tokens` drafts (None: the measured policy chooses per round, parking at 0 when
     drafting loses); the tokens are the target's own either way (greedy: identical to plain
     decoding; sampling: distributed as the target's). `context` carries a KV cache over from
-    earlier prompts (a chat); only the tokens after the common prefix are prefilled."""
+    earlier prompts (a chat); only the tokens after the common prefix are prefilled. `compile`
+    picks compiled or eager steps (None: as `pair.compile` says); the tokens are the same."""
     vision = vision_of(pair) if has_images(prompt) else None
     tokens = encode_prompt(pair.tokenizer, prompt, raw=raw, vision=vision)
     sampler, stop = make_sampler(
         pair, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos
     )
-    decoder = Decoder(pair, mtp=mtp, draft_tokens=draft_tokens)
+    decoder = Decoder(pair, mtp=mtp, draft_tokens=draft_tokens, compile=compile)
     mx.reset_peak_memory()
     detok = pair.tokenizer.detokenizer
     detok.reset()

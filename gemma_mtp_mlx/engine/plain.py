@@ -12,12 +12,14 @@ from plain to drafting (the policy unparking) wastes no forward.
 
 import mlx.core as mx
 
-from .speculative import Row, rows_cache
+from .speculative import Row
 
 
 class PlainSteps:
-    def __init__(self, rows: list[Row]):
+    def __init__(self, rows: list[Row], steps):
+        """`steps` runs the device work, eager or compiled (engine/steps.py)."""
         self.rows = list(rows)
+        self.steps = steps
         self.queued, self.queued_hidden = self._feed([r.token for r in self.rows])
         for r in self.rows:
             r.ctx.tokens.append(r.token.item())
@@ -25,11 +27,8 @@ class PlainSteps:
     def _feed(self, tokens: list[mx.array]) -> tuple[list[mx.array], mx.array]:
         """Put each row's `token` (possibly not computed yet) into its cache and queue the
         computation of the token after it."""
-        block = mx.concatenate([t.reshape(1, 1) for t in tokens])
-        logits, hidden = self.rows[0].ctx.target(
-            block, rows_cache(self.rows), return_hidden=True, last_only=True
-        )
-        nxt = [r.sampler.pick(logits[b, -1]).reshape(1, 1) for b, r in enumerate(self.rows)]
+        block = mx.concatenate([t.reshape(1, 1) for t in tokens]) if len(tokens) > 1 else tokens[0]
+        nxt, hidden = self.steps.plain(self.rows, block.reshape(-1, 1))
         mx.async_eval(nxt, hidden)
         return nxt, hidden
 

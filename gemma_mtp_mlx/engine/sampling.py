@@ -5,6 +5,7 @@ sampled from `Sampler.probs` of the drafter's logits with the very same settings
 turn the target's logits into p (spec pitfall 18).
 """
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -76,6 +77,13 @@ class Sampler:
     @property
     def greedy(self) -> bool:
         return self.settings.greedy
+
+    def replica(self, key: mx.array | None, bias: mx.array | None) -> "Sampler":
+        """The same settings, drawing from `key` and adding `bias`: how a compiled step
+        (engine/steps.py) samples, with both as arrays it takes in."""
+        out = copy.copy(self)
+        out._key, out.bias = key, bias
+        return out
 
     def key(self) -> mx.array:
         """A fresh key for one draw."""

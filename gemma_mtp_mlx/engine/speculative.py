@@ -18,6 +18,7 @@ target's weights are read once per round for the whole batch.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -44,52 +45,60 @@ class RoundResult:
     accepted: int
 
 
+class RoundOutputs(NamedTuple):
+    """A round's device work, queued: per row the accepted count [B], the target's token after
+    the accepted drafts [B], the drafts [B, K] and the hidden states of the block [B, K + 1, H]."""
+
+    accepted: mx.array
+    next_tokens: mx.array
+    drafts: mx.array
+    hiddens: mx.array
+
+
+def batched(caches: list[list]) -> list:
+    """The cache argument for one target forward over rows with these layer caches (one list
+    per row; see models/cache.RowsCache)."""
+    if len(caches) == 1:
+        return caches[0]
+    return [RowsCache([row[i] for row in caches]) for i in range(len(caches[0]))]
+
+
 def rows_cache(rows: list[Row]) -> list:
-    """The cache argument for one target forward over `rows` (see models/cache.RowsCache)."""
-    if len(rows) == 1:
-        return rows[0].ctx.cache
-    return [RowsCache([r.ctx.cache[i] for r in rows]) for i in range(len(rows[0].ctx.cache))]
+    return batched([r.ctx.cache for r in rows])
 
 
-def drafter_inputs(rows: list[Row], window: int) -> tuple:
-    """(embedding, hidden, kv) for the first draft step of all rows at once; kv holds one view
-    per row (the drafter's attention then goes row by row, like the target's)."""
-    target = rows[0].ctx.target
-    kvs = [target.drafter_kv(r.ctx.cache, window) for r in rows]
-    embedding = target.model.embed(mx.concatenate([r.token.reshape(1, 1) for r in rows]))
-    hidden = mx.concatenate([r.hidden for r in rows])
-    if len(rows) == 1:
-        return embedding, hidden, kvs[0]
-    return embedding, hidden, {kind: RowsView([kv[kind] for kv in kvs]) for kind in kvs[0]}
-
-
-def draft(rows: list[Row], drafter: Assistant, k: int) -> list[tuple[mx.array, mx.array | None]]:
+def draft(
+    target, drafter: Assistant, k: int, tokens: mx.array, hidden: mx.array, caches: list[list],
+    samplers: list[Sampler],
+) -> list[tuple[mx.array, mx.array | None]]:
     """Per row: K draft tokens [K] and, when that row samples, the distributions they were
-    drawn from [K, V]. All rows go through each drafter step together."""
-    target = rows[0].ctx.target
+    drawn from [K, V]. All rows (`tokens` [B, 1], `hidden` [B, 1, H]) go through each drafter
+    step together; each row's drafter attends over its own caches (one view per row)."""
     vocab = target.args.vocab_size
-    embedding, g, kv = drafter_inputs(rows, drafter.sliding_window)
-    tokens, dists = [], [[] for _ in rows]
+    kvs = [target.drafter_kv(c, drafter.sliding_window) for c in caches]
+    kv = kvs[0] if len(kvs) == 1 else {kind: RowsView([v[kind] for v in kvs]) for kind in kvs[0]}
+    embedding, g = target.model.embed(tokens), hidden
+    drafted, dists = [], [[] for _ in samplers]
     for _ in range(k):
         y, g = drafter(embedding, g, kv)
         ids, logits = drafter.candidate_logits(y[:, 0])  # [B, n] (or [B, V]: ids None)
         choices = []
-        for b, r in enumerate(rows):
+        for b, sampler in enumerate(samplers):
             row_ids = None if ids is None else ids[b]
-            if r.sampler.greedy:
-                choices.append(r.sampler.pick(logits[b], row_ids))
+            if sampler.greedy:
+                choices.append(sampler.pick(logits[b], row_ids))
                 continue
-            q = r.sampler.probs(logits[b], row_ids)
-            choices.append(r.sampler.draw(q))
+            q = sampler.probs(logits[b], row_ids)
+            choices.append(sampler.draw(q))
             if row_ids is not None:  # the centroid head's support is its candidates only
                 q = mx.zeros((vocab,), mx.float32).at[row_ids].add(q)
             dists[b].append(q)
         choice = mx.stack(choices)
         tok = choice if ids is None else mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
-        tokens.append(tok)
+        drafted.append(tok)
         embedding = target.model.embed(tok[:, None])
-    drafts = mx.stack(tokens, axis=1)  # [B, K]
-    return [(drafts[b], mx.stack(dists[b]) if dists[b] else None) for b in range(len(rows))]
+    drafts = mx.stack(drafted, axis=1)  # [B, K]
+    return [(drafts[b], mx.stack(dists[b]) if dists[b] else None) for b in range(len(samplers))]
 
 
 def accept_greedy(logits: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
@@ -124,33 +133,34 @@ def accept(logits: mx.array, drafts: mx.array, q, sampler: Sampler) -> tuple[mx.
     return accept_sampled(sampler.probs(logits), q, drafts, sampler)
 
 
-def run_round(rows: list[Row], drafter: Assistant, k: int) -> list[RoundResult]:
-    """One round for every row (K >= 1; K = 0 is plain decoding, engine/plain.py): each row
-    drafts K, one target forward verifies all rows'
-    blocks, each row accepts and commits on its own: its rejected drafts leave its cache and
-    `token`/`hidden` move on. Rows stay independent: a row's tokens are those of its own run."""
-    drafts = draft(rows, drafter, k)
-    # Drafting starts now; the verify pass is built while it runs (no idle gap between).
-    mx.async_eval([d if q is None else [d, q] for d, q in drafts])
-
-    block = mx.stack(
-        [
-            mx.concatenate([r.token.reshape(1), d.astype(r.token.dtype)])
-            for r, (d, _) in zip(rows, drafts)
-        ]
+def verify(
+    target, k: int, tokens: mx.array, drafts: list, caches: list[list], samplers: list[Sampler]
+) -> RoundOutputs:
+    """One target forward over each row's newest token and its K drafts (`drafts` as `draft`
+    returns them), which writes all K + 1 into the caches; then each row accepts on its own."""
+    block = mx.concatenate([tokens, mx.stack([d for d, _ in drafts]).astype(tokens.dtype)], axis=1)
+    logits, hiddens = target(block, batched(caches), return_hidden=True)
+    outcomes = [accept(logits[b], d, q, s) for b, ((d, q), s) in enumerate(zip(drafts, samplers))]
+    return RoundOutputs(
+        mx.stack([a for a, _ in outcomes]), mx.stack([t for _, t in outcomes]), block[:, 1:], hiddens
     )
-    logits, hiddens = rows[0].ctx.target(block, rows_cache(rows), return_hidden=True)
-    outcomes = [
-        accept(logits[b], d, q, r.sampler) for b, (r, (d, q)) in enumerate(zip(rows, drafts))
-    ]
-    mx.eval(outcomes)
+
+
+def run_round(rows: list[Row], steps, k: int) -> list[RoundResult]:
+    """One round for every row (K >= 1; K = 0 is plain decoding, engine/plain.py): each row
+    drafts K, one target forward verifies all rows' blocks, each row accepts and commits on its
+    own: its rejected drafts leave its cache and `token`/`hidden` move on. Rows stay
+    independent: a row's tokens are those of its own run. `steps` runs the device work, eager or
+    compiled (engine/compiled.py)."""
+    out = steps.speculate(rows, k)
+    mx.eval(out.accepted, out.next_tokens, out.drafts)
+    accepted, nxt, drafts = out.accepted.tolist(), out.next_tokens.tolist(), out.drafts.tolist()
     results = []
-    for b, (r, (d, _), (accepted, nxt)) in enumerate(zip(rows, drafts, outcomes)):
-        n = accepted.item()
-        r.ctx.tokens += block[b, : n + 1].tolist()
+    for b, (r, n) in enumerate(zip(rows, accepted)):
+        r.ctx.tokens += [r.token.item()] + drafts[b][:n]
         # Drop the rejected drafts' K/V: later rounds (and the drafter) never see them.
         for c in r.ctx.cache:
             c.trim(k - n)
-        r.token, r.hidden = nxt.reshape(1, 1), hiddens[b : b + 1, n : n + 1]
-        results.append(RoundResult(d[:n].tolist() + [nxt.item()], n))
+        r.token, r.hidden = out.next_tokens[b].reshape(1, 1), out.hiddens[b : b + 1, n : n + 1]
+        results.append(RoundResult(drafts[b][:n] + [nxt[b]], n))
     return results

@@ -6,15 +6,17 @@ the cache's position, stores them and returns a `KVView` (keys, values, mask, an
 of the first query) that `view.attend(queries, rope)` turns into attention. KV-shared layers and
 the drafter attend through the view their source layer returned; the model never sees offsets.
 
-Full-attention layers use `FullCache`, mlx-lm's growing `KVCache` (trimming it is exact at any
-length).
+Full-attention layers use `FullCache`, mlx-lm's `KVCache` (trimming it is exact at any length)
+growing in buckets (`full_slots`): a compiled step (engine/compiled.py) sees one buffer shape for
+many steps, and so traces its graph again only a few times per doubling of the context.
 
 Sliding-window layers use `SlidingWindowCache`, a ring buffer of `window + slack` slots where
 the key of absolute position p always lives in slot `p % capacity`. Keeping `slack` extra slots
 means that after a verify block is partly rejected, the entries that the rejected tokens
 overwrote are older than any future query's window: rolling back is just moving the offset back
 (mlx-lm's `RotatingKVCache` cannot be trimmed once it has wrapped — spec §4.2). How many tokens
-that allows is `max_rollback`. Because the ring holds more than `window` positions, attention
+that allows is `max_rollback`. The ring is allocated whole at its first write, so its shape never
+changes. Because the ring holds more than `window` positions, attention
 always goes through a mask built from the absolute positions of the slots; the slot -> position
 map is arithmetic on Python ints, so building it costs no host sync.
 
@@ -29,7 +31,13 @@ from typing import NamedTuple
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-_ALLOC_STEP = 256
+
+def full_slots(n: int) -> int:
+    """Slots a full-attention buffer allocates to hold `n` positions: multiples of 256, then of a
+    quarter of the largest power of two up to `n`. A new size is a new shape for a compiled step
+    (a trace), four times per doubling of the context; at most a fifth of the buffer is unused."""
+    unit = max(256, 2 ** (max(n, 1).bit_length() - 3))
+    return -(-n // unit) * unit
 
 
 def slot_positions(end: int, n_slots: int, capacity: int) -> mx.array:
@@ -106,12 +114,38 @@ def uncached_view(keys: mx.array, values: mx.array, rope, window: int | None) ->
 
 
 class FullCache(KVCache):
-    """Every position, growing in steps of 256 (mlx-lm's KVCache)."""
+    """Every position (mlx-lm's KVCache), its buffer grown in buckets (`full_slots`)."""
+
+    def reserve(self, n: int, like_k: mx.array, like_v: mx.array) -> None:
+        """Grow the buffer so that it holds at least `n` positions."""
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if n <= have:
+            return
+        B, H, _, Dk = like_k.shape
+        grow = full_slots(n) - have
+        new_k = mx.zeros((B, H, grow, Dk), like_k.dtype)
+        new_v = mx.zeros((B, H, grow, like_v.shape[3]), like_v.dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys, new_k], axis=2)
+            self.values = mx.concatenate([self.values, new_v], axis=2)
 
     def store(self, keys: mx.array, values: mx.array, rope) -> KVView:
-        offset = self.offset
+        offset, L = self.offset, keys.shape[2]
+        self.reserve(offset + L, keys, values)
         keys, values = self.update_and_fetch(rope(keys, offset=offset), values)
-        return KVView(keys, values, "causal" if keys.shape[2] - offset > 1 else None, offset)
+        return KVView(keys, values, "causal" if L > 1 else None, offset)
+
+    def adopt(self, keys: mx.array, values: mx.array, length: int) -> None:
+        """Take back the buffers a compiled step wrote `length` new positions into."""
+        self.keys, self.values = keys, values
+        self.offset += length
+
+    def drafter_view(self) -> KVView:
+        """Every committed position, for the drafter's query at the newest one (spec §3.4)."""
+        keys, values = self.keys_and_values()
+        return KVView(keys, values, None, self.offset)
 
     def max_rollback(self) -> int:
         return self.offset
@@ -128,15 +162,15 @@ class SlidingWindowCache:
         self.written = 0  # the end of the furthest write: rolled-back slots stay overwritten
 
     # -- writing ---------------------------------------------------------------------------
-    def _ensure_allocated(self, n: int, like_k: mx.array, like_v: mx.array):
-        """Grow the buffer (never beyond capacity) so that slots [0, n) exist."""
+    def reserve(self, n: int, like_k: mx.array, like_v: mx.array) -> None:
+        """Allocate every slot (a prefill may have left fewer): `n` is there for the caches'
+        common protocol; a ring holds `capacity` slots whatever the length."""
         have = 0 if self.keys is None else self.keys.shape[2]
-        if n <= have:
+        if have == self.capacity:
             return
-        size = min(self.capacity, ((n + _ALLOC_STEP - 1) // _ALLOC_STEP) * _ALLOC_STEP)
         B, H, _, Dk = like_k.shape
-        new_k = mx.zeros((B, H, size - have, Dk), like_k.dtype)
-        new_v = mx.zeros((B, H, size - have, like_v.shape[3]), like_v.dtype)
+        new_k = mx.zeros((B, H, self.capacity - have, Dk), like_k.dtype)
+        new_v = mx.zeros((B, H, self.capacity - have, like_v.shape[3]), like_v.dtype)
         if self.keys is None:
             self.keys, self.values = new_k, new_v
         else:
@@ -173,7 +207,7 @@ class SlidingWindowCache:
         end = start + L
         if L <= self.slack + 1:
             # Everything the new queries can see is in the ring after writing.
-            self._ensure_allocated(min(end, self.capacity), keys, values)
+            self.reserve(end, keys, values)
             self._write(keys, values)
             self.offset, self.written = end, max(end, self.written)
             k, v = self.visible()
@@ -205,6 +239,12 @@ class SlidingWindowCache:
         self.offset = self.written = end
         return KVView(all_k, all_v, mask, start)
 
+    def adopt(self, keys: mx.array, values: mx.array, length: int) -> None:
+        """Take back the buffers a compiled step wrote `length` new positions into."""
+        self.keys, self.values = keys, values
+        self.offset += length
+        self.written = max(self.written, self.offset)
+
     # -- reading ---------------------------------------------------------------------------
     def visible(self) -> tuple[mx.array, mx.array]:
         """The slots that can hold live positions (before the ring is full: [0, offset))."""
@@ -214,6 +254,15 @@ class SlidingWindowCache:
     def key_positions(self) -> mx.array:
         n = min(self.offset, self.capacity)
         return slot_positions(self.offset, n, self.capacity)
+
+    def drafter_view(self, visible: int) -> KVView:
+        """The last `visible` committed positions (the drafter sees window + 1 of them, spec
+        §3.4), for its query at the newest one."""
+        keys, values = self.visible()
+        mask = None
+        if self.offset > visible:
+            mask = window_mask(mx.array([self.offset - 1]), self.key_positions(), visible)
+        return KVView(keys, values, mask, self.offset)
 
     # -- state -----------------------------------------------------------------------------
     @property

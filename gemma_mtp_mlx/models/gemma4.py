@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .cache import FullCache, KVView, SlidingWindowCache, uncached_view, window_mask
+from .cache import FullCache, KVView, SlidingWindowCache, uncached_view
 from .moe import Experts, Router, sanitize_experts
 
 SLIDING = "sliding_attention"
@@ -325,17 +325,9 @@ class Model(nn.Module):
         the last full layer: every committed position for full attention, the last `window + 1`
         for sliding attention (transformers' assistant mask, spec §3.4). The drafter's query
         sits at the newest token's position, the cache's offset (spec §3.3)."""
-        offset = cache[0].offset
-        sliding = cache[self.args.store_layer(SLIDING)]
-        keys, values = sliding.visible()
-        mask = None
-        if offset > window + 1:
-            last = mx.array([offset - 1])
-            mask = window_mask(last, sliding.key_positions(), window + 1)
-        full_keys, full_values = cache[self.args.store_layer(FULL)].keys_and_values()
         return {
-            SLIDING: KVView(keys, values, mask, offset),
-            FULL: KVView(full_keys, full_values, None, offset),
+            SLIDING: cache[self.args.store_layer(SLIDING)].drafter_view(window + 1),
+            FULL: cache[self.args.store_layer(FULL)].drafter_view(),
         }
 
     def make_cache(self, slack: int = 64) -> list:

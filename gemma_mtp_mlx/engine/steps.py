@@ -1,0 +1,175 @@
+"""The device work of decoding, eager or compiled: a speculative round's (draft, verify, accept:
+engine/speculative.py) and a plain step's (one target forward and a pick).
+
+`EagerSteps` builds the graph in Python at every step, as mlx-lm does. `CompiledSteps` runs the
+same functions through `mx.compile`: each is traced once per shape (draft length, rows, the
+sizes of the rows' full-attention buffers, the samplers' settings) and replayed after, so a
+step costs the host one call where it built thousands of primitives one by one (DESIGN §2.6).
+The caches go in and out of a compiled step as arrays (models/traced_cache.py): each row's
+buffers and its offset; after the call the cache objects take the written buffers back and
+advance as the eager store does, so rollback, snapshots and saved caches see no difference.
+A sampling row draws from a key split off its own stream once per step, inside the step.
+"""
+
+import weakref
+from collections import OrderedDict
+
+import mlx.core as mx
+
+from ..models.cache import SlidingWindowCache
+from ..models.traced_cache import RowPositions, TracedFull, TracedRing
+from .speculative import RoundOutputs, Row, batched, draft, verify
+
+MAX_FUNCTIONS = 32  # compiled steps kept (each holds its traced graphs); the oldest go first
+
+
+def _stacked(rows: list[Row]) -> tuple[mx.array, mx.array]:
+    """The rows' newest tokens [B, 1] and the hidden states that produced them [B, 1, H]."""
+    if len(rows) == 1:
+        return rows[0].token.reshape(1, 1), rows[0].hidden
+    return (
+        mx.concatenate([r.token.reshape(1, 1) for r in rows]),
+        mx.concatenate([r.hidden for r in rows]),
+    )
+
+
+def plain_step(target, tokens: mx.array, caches: list[list], samplers) -> tuple[list, mx.array]:
+    """One target forward of each row's newest token (`tokens` [B, 1]): each row's next token
+    [1, 1] and the hidden states [B, 1, H] that produced them."""
+    logits, hidden = target(tokens, batched(caches), return_hidden=True, last_only=True)
+    return [s.pick(logits[b, -1]).reshape(1, 1) for b, s in enumerate(samplers)], hidden
+
+
+class EagerSteps:
+    def __init__(self, target, drafter):
+        self.target, self.drafter = target, drafter
+
+    def speculate(self, rows: list[Row], k: int) -> RoundOutputs:
+        tokens, hidden = _stacked(rows)
+        caches, samplers = [r.ctx.cache for r in rows], [r.sampler for r in rows]
+        drafts = draft(self.target, self.drafter, k, tokens, hidden, caches, samplers)
+        # Drafting starts now; the verify pass is built while it runs (no idle gap between).
+        mx.async_eval([d if q is None else [d, q] for d, q in drafts])
+        return verify(self.target, k, tokens, drafts, caches, samplers)
+
+    def plain(self, rows: list[Row], tokens: mx.array) -> tuple[list, mx.array]:
+        return plain_step(self.target, tokens, [r.ctx.cache for r in rows], [r.sampler for r in rows])
+
+
+class CompiledSteps:
+    def __init__(self, target, drafter):
+        # Held weakly: these steps are kept per pair for as long as its models live (`steps_for`).
+        self._target = weakref.ref(target)
+        self._drafter = weakref.ref(drafter) if drafter is not None else lambda: None
+        self.functions: OrderedDict = OrderedDict()
+        self.traces = 0  # graphs traced so far: the first step of each shape, and no other
+
+    @property
+    def target(self):
+        return self._target()
+
+    @property
+    def drafter(self):
+        return self._drafter()
+
+    def speculate(self, rows: list[Row], k: int) -> RoundOutputs:
+        tokens, hidden = _stacked(rows)
+
+        def work(target, tokens, hidden, caches, samplers):
+            drafts = draft(target, self.drafter, k, tokens, hidden, caches, samplers)
+            return verify(target, k, tokens, drafts, caches, samplers)
+
+        return RoundOutputs(*self._run(("round", k), work, rows, k + 1, tokens, hidden))
+
+    def plain(self, rows: list[Row], tokens: mx.array) -> tuple[list, mx.array]:
+        def work(target, tokens, hidden, caches, samplers):
+            return plain_step(target, tokens, caches, samplers)
+
+        return self._run(("plain",), work, rows, 1, tokens, None)
+
+    def _run(self, kind: tuple, work, rows: list[Row], length: int, tokens, hidden):
+        """`work` over `rows`' caches as one compiled call that writes `length` new positions."""
+        for r in rows:
+            for c in r.ctx.cache:
+                c.reserve(c.offset + length, c.keys, c.values)
+        samplers = [r.sampler for r in rows]
+        signature = kind + (
+            tuple((s.settings, s.bias is None) for s in samplers),
+            tuple(_full_slots(r.ctx.cache) for r in rows),
+        )
+        function = self._function(signature, work, samplers, length)
+        offsets = mx.array([r.ctx.cache[0].offset for r in rows], dtype=mx.int32)
+        keys = [None if s.greedy else s.key() for s in samplers]
+        biases = [s.bias for s in samplers]
+        # The cache objects let go of their buffers during the call, so that MLX writes the new
+        # positions in place (it only updates a buffer nothing else holds).
+        buffers = [[(c.keys, c.values) for c in r.ctx.cache] for r in rows]
+        for r in rows:
+            for c in r.ctx.cache:
+                c.keys = c.values = None
+        try:
+            out, written = function(tokens, hidden, offsets, buffers, keys, biases)
+        except BaseException:
+            _give_back(rows, buffers, 0)
+            raise
+        del buffers
+        _give_back(rows, written, length)
+        return out
+
+    def _function(self, signature: tuple, work, samplers: list, length: int):
+        if signature in self.functions:
+            self.functions.move_to_end(signature)
+            return self.functions[signature]
+        target = self.target
+        window = target.args.sliding_window
+        kinds = [isinstance(c, SlidingWindowCache) for c in target.make_cache()]
+
+        def traced(tokens, hidden, offsets, buffers, keys, biases):
+            self.traces += 1
+            caches = []
+            for b, row in enumerate(buffers):
+                ring = next((k.shape[2] for (k, _), sliding in zip(row, kinds) if sliding), 1)
+                full = next((k.shape[2] for (k, _), sliding in zip(row, kinds) if not sliding), 1)
+                positions = RowPositions(offsets[b : b + 1], length, window, ring, full)
+                caches.append([
+                    (TracedRing if sliding else TracedFull)(k, v, positions)
+                    for (k, v), sliding in zip(row, kinds)
+                ])
+            replicas = [s.replica(key, bias) for s, key, bias in zip(samplers, keys, biases)]
+            out = work(target, tokens, hidden, caches, replicas)
+            return out, [[(c.keys, c.values) for c in row] for row in caches]
+
+        function = mx.compile(traced)
+        self.functions[signature] = function
+        if len(self.functions) > MAX_FUNCTIONS:
+            self.functions.popitem(last=False)
+        return function
+
+
+def _full_slots(cache: list) -> int:
+    return next((c.keys.shape[2] for c in cache if not isinstance(c, SlidingWindowCache)), 0)
+
+
+def _give_back(rows: list[Row], buffers: list, length: int) -> None:
+    """Hand each cache its buffers, `length` new positions written."""
+    for r, row in zip(rows, buffers):
+        for c, (k, v) in zip(r.ctx.cache, row):
+            c.adopt(k, v, length)
+
+
+_COMPILED: dict[tuple[int, int], CompiledSteps] = {}
+
+
+def steps_for(target, drafter, compile: bool) -> EagerSteps | CompiledSteps:
+    """The steps for this pair of model objects (drafter None: plain decoding only). Compiled
+    ones are kept for as long as both models live, so every answer replays the graphs traced
+    by the ones before."""
+    if not compile:
+        return EagerSteps(target, drafter)
+    key = (id(target), id(drafter))
+    if key not in _COMPILED:
+        _COMPILED[key] = CompiledSteps(target, drafter)
+        for model in (target, drafter):
+            if model is not None:
+                weakref.finalize(model, _COMPILED.pop, key, None)
+    return _COMPILED[key]
