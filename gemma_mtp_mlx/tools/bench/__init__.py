@@ -1,6 +1,6 @@
 """`gemma-chat bench`: speed measured side by side in one process, never estimated.
 
-Four benches, one per question:
+Five benches, one per question:
 
 - `--model M` (pair_bench.py): a loaded pair (the demo pair by default) with its real drafter on
   four workload classes: ours plain and MTP against mlx-lm and mlx-vlm on the same weights.
@@ -9,6 +9,9 @@ Four benches, one per question:
 - `--moe-curve` (costs.py): the 26B-A4B mixture of experts' verify cost, ours against mlx-lm.
 - `--fresh-processes` (fresh.py): a pair as one-shot scripted use meets it, each answer its own
   `gemma-chat` process, with and without the costs an earlier process stored.
+- `--host` (host.py): the host's work per plain step and per round, eager against compiled, on
+  a loaded pair, a random pair of a real shape (`--shape`, `--layers`) or a deep, narrow one
+  built from a real shape's whole stack (`--shape S --narrow`).
 
 The files: measure.py times runs and alternates variants; peers.py runs mlx-lm and mlx-vlm on our
 arrays; costs.py measures isolated step costs; report.py turns runs into figures; render.py and
@@ -38,6 +41,8 @@ def run(
     moe: bool = False,
     moe_layers: int = 4,
     fresh: bool = False,
+    host: bool = False,
+    narrow: bool = False,
     out: Console | None = None,
     err: Console | None = None,
 ) -> dict:
@@ -53,6 +58,8 @@ def run(
 
     if saved is not None:
         result = _read_saved(saved)
+    elif host:
+        result = _host_bench(model, drafter, shape, narrow, layers, max_tokens, quick, repeats, say)
     elif moe:
         from .costs import moe_config, moe_curve
 
@@ -70,11 +77,13 @@ def run(
     else:
         result = _pair_bench(model, drafter, max_tokens, quick, repeats, say)
     fresh_run = result.get("mode") == "fresh-processes"
-    if plot is not None and "dims" not in result and not fresh_run:  # those two are tables
+    host_run = result.get("bench") == "host"
+    if plot is not None and "dims" not in result and not fresh_run and not host_run:  # tables
         result["plots"] = _plots(result, plot)
     render = (
         renders.render_moe_curve if "dims" in result
         else renders.render_fresh if fresh_run
+        else renders.render_host if host_run
         else renders.render_shape if "rows" in result
         else renders.render_pair
     )
@@ -85,6 +94,40 @@ def run(
         for p in result.get("plots", []):
             out.print(f"wrote {p}")
     return result
+
+
+def _host_bench(model, drafter, shape, narrow, layers, max_tokens, quick, repeats, say) -> dict:
+    from ...errors import GemmaChatError
+    from ...loading import load
+    from .host import run_host_bench
+
+    if narrow:
+        if shape is None:
+            raise GemmaChatError("--narrow needs --shape: the layer stack it keeps")
+        import mlx.nn as nn
+
+        from .shapes import build
+        from .shapes import narrow as narrow_shape
+
+        s = narrow_shape(shape)
+        say(f"deep, narrow {shape}: {s.note}, 4-bit as the default download (building)")
+        pair = build(s)
+        nn.quantize(pair.target, 64, 4, class_predicate=pair.target.quant_predicate)
+        note = f"deep, narrow {shape}: {s.note}, 4-bit"
+    elif shape is not None:
+        from .shapes import MEMORY_SHARE, available_memory, build, fit
+
+        s = fit(shape, layers, int(available_memory() * MEMORY_SHARE))
+        say(f"random {shape}: {s.note} (building)")
+        pair = build(s)
+        note = f"random {shape}: {s.note}, fp32"
+    else:
+        pair = load(model, drafter)
+        if pair.drafter is None:
+            raise GemmaChatError(f"no MTP drafter found for {model}: pass --drafter")
+        note = model
+    return run_host_bench(pair, note=note, max_tokens=max_tokens or (32 if quick else 64),
+                          repeats=repeats or (1 if quick else 3), progress=say)
 
 
 def _read_saved(path: Path) -> dict:

@@ -242,3 +242,28 @@ def render_fresh(result: dict, console) -> None:
     )
     for note in result["notes"]:
         console.print(f"note: {escape(note)}", style="yellow")
+
+
+# -- the host bench -----------------------------------------------------------------------------
+def render_host(result: dict, console) -> None:
+    console.print(
+        f"[bold]Host work per step[/] ({escape(result['pair'])}; {result['max_tokens']} tokens, "
+        f"medians of {result['repeats']}): the decoding thread's CPU and the wall time"
+    )
+    t = _table(console, "eager vs compiled", "variant", "CPU ms", "compiled", "x",
+               "wall ms", "compiled", "x", "prims/layer", "compiled")
+    for r in result["rows"]:
+        t.add_row(r["variant"], _f(r["eager_cpu_ms"], "{:.2f}"), _f(r["compiled_cpu_ms"], "{:.2f}"),
+                  _f(r["cpu_ratio"], "{:.2f}"), _f(r["eager_wall_ms"], "{:.2f}"),
+                  _f(r["compiled_wall_ms"], "{:.2f}"), _f(r["wall_ratio"], "{:.2f}"),
+                  _f(r["eager_primitives_per_layer"]), _f(r["compiled_primitives_per_layer"]))
+    console.print(t)
+    w = result["warmup"]
+    console.print(
+        f"tokens identical eager/compiled: {'yes' if result['identical'] else 'NO'}; graphs traced: "
+        f"{result['traces']}; first compiled answer {w['first_answer_wall_ms_per_round']:.1f} ms "
+        f"per round, a later one {w['later_answer_wall_ms_per_round']:.1f}"
+    )
+    console.print(f"[dim]{_machine_line(result['machine'])}[/]")
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}")

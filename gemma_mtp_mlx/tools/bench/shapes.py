@@ -107,6 +107,28 @@ def shape(name: str, layers: int | None = None, vocab: int | None = None) -> Sha
     return Shape(name, target, assistant, note)
 
 
+# A deep, narrow pair: the whole layer stack of a real shape at tiny widths, the regime of a Mac
+# running E2B/E4B, where a step is short on the device and the host's work per layer shows.
+NARROW_TARGET = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16, "global_head_dim": 32}
+NARROW_ASSISTANT = {"hidden_size": 32, "intermediate_size": 64, "head_dim": 16, "global_head_dim": 32}
+NARROW_VOCAB = 8192
+
+
+def narrow(name: str) -> Shape:
+    """Every layer of `name` (its sliding/full pattern, KV sharing, per-layer embeddings, its
+    experts and their top-k, k_eq_v) at the widths of NARROW_TARGET, with its assistant."""
+    real = shape(name, vocab=NARROW_VOCAB)
+    target = real.target | NARROW_TARGET
+    if target.get("hidden_size_per_layer_input"):
+        target["hidden_size_per_layer_input"] = 16
+    if target.get("enable_moe_block"):
+        target["moe_intermediate_size"] = 16
+    assistant = dict(real.assistant, backbone_hidden_size=target["hidden_size"])
+    assistant["text_config"] = real.assistant["text_config"] | NARROW_ASSISTANT
+    note = f"all {real.layers} layers at widths {target['hidden_size']}/{target['intermediate_size']}"
+    return Shape(name, target, assistant, note + f", vocabulary {NARROW_VOCAB}")
+
+
 def weight_bytes(s: Shape) -> tuple[int, int]:
     """(bytes of all fp32 weights, bytes of the largest array) of the target and drafter:
     counted on unevaluated modules (MLX allocates nothing until evaluation)."""

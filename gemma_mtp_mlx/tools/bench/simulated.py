@@ -29,6 +29,10 @@ class Proposals:
         # One draw per position, independent; a position drafted twice (an untried draft of one
         # round is drafted again in the next) keeps its outcome.
         self.hits = np.random.default_rng(seed).random(len(sequence)) < acceptance
+        # The same proposals as an array, for a drafter inside a compiled step (its positions
+        # are arrays there), and one more entry for every position past the reference.
+        table = [self.token(p) for p in range(len(sequence))] + [0]
+        self.table = mx.array(table, dtype=mx.int32)
 
     def token(self, position: int) -> int:
         """The proposal for `position`: the target's token on a hit, its successor otherwise
@@ -44,11 +48,12 @@ class SimulatedDrafter:
     """Wraps a real `Assistant` for our engine (B = 1, greedy).
 
     The engine calls `drafter(embedding, hidden, kv)` then `candidate_logits(y[:, 0])` once per
-    draft step. The views in `kv` carry the query's position, the cache offset: the newest
-    emitted token (not yet cached) sits there, so draft step j of a round proposes the token at
-    `position + 1 + j`. Every step of a round has the same position; a round's later
-    steps are fed back the `g` the previous step returned, which is how step j is counted (a
-    call with any other hidden state starts a round: the engine's own cost measurements too).
+    draft step. The views in `kv` carry the query's position, the cache offset (an int, or an
+    array inside a compiled step): the newest emitted token (not yet cached) sits there, so
+    draft step j of a round proposes the token at `position + 1 + j`, looked up in the graph.
+    A round's later steps are fed back the `g` the previous step returned, which is how step j
+    is counted (a call with any other hidden state starts a round: the engine's own cost
+    measurements too); a compiled step is traced per draft length, so its steps count alike.
     """
 
     def __init__(self, drafter, proposals: Proposals):
@@ -64,11 +69,10 @@ class SimulatedDrafter:
     def __call__(self, embedding: mx.array, hidden: mx.array, kv):
         if embedding.shape[0] != 1:
             raise ValueError("the simulated drafter drafts one sequence at a time")
-        position = next(iter(kv.values())).offset
-        same_round = hidden is self._last_g and position == self._position
-        self._step = self._step + 1 if same_round else 0
+        self._step = self._step + 1 if hidden is self._last_g else 0
+        self._position = next(iter(kv.values())).offset
         y, g = self.drafter(embedding, hidden, kv)
-        self._last_g, self._position = g, position
+        self._last_g = g
         return y, g
 
     def candidate_logits(self, y: mx.array) -> tuple[mx.array, mx.array]:
@@ -79,5 +83,7 @@ class SimulatedDrafter:
         the engine's pick depends on the scores."""
         _, logits = self.drafter.candidate_logits(y)
         score = logits.max(axis=-1, keepdims=True)  # [1, 1]
-        token = self.proposals.token(self._position + 1 + self._step)
-        return mx.array([[token, token]], dtype=mx.int32), mx.concatenate([score, score], axis=-1)
+        table = self.proposals.table
+        position = mx.minimum(mx.array(self._position) + 1 + self._step, table.size - 1)
+        token = table[position].reshape(1, 1)
+        return mx.concatenate([token, token], axis=-1), mx.concatenate([score, score], axis=-1)
