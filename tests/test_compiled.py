@@ -1,0 +1,81 @@
+"""Compiled steps (engine/steps.py) against the eager path: the same tokens in every shape, past
+the sliding window and in batches; the graphs traced stay few. (Sampling's distribution: test_sampling,
+through the default, compiled path.)"""
+
+import json
+
+import pytest
+
+from gemma_mtp_mlx.engine import batch
+from gemma_mtp_mlx.engine.steps import steps_for
+from gemma_mtp_mlx.models.cache import full_slots
+from tests.conftest import generated_ids
+from tests.test_chat import build_tiny
+from tests.test_cli import gemma
+
+PROMPT = [2, 40, 77, 301, 12]
+
+
+@pytest.mark.parametrize("shape,centroids", [("e2b", True), ("moe", False), ("dense", True)])
+def test_compiled_steps_give_the_eager_tokens_past_the_window(echo_pairs, shape, centroids):
+    """60 tokens through windows of 8, with drafts accepted and rejected (rollbacks). The
+    compiled path against itself, at more lengths and further, is test_speculative's."""
+    pair = echo_pairs[(shape, centroids)]
+    options = dict(max_tokens=60, ignore_eos=True)
+    eager = generated_ids(pair, PROMPT, mtp=False, compile=False, **options)
+    assert generated_ids(pair, PROMPT, mtp=False, compile=True, **options) == eager
+    assert generated_ids(pair, PROMPT, draft_tokens=3, compile=False, **options) == eager
+    assert generated_ids(pair, PROMPT, draft_tokens=3, compile=True, **options) == eager
+
+
+def test_batch_rows_are_the_same_eager_and_compiled(echo_pairs):
+    pair = echo_pairs[("e2b", False)]
+    prompts = [PROMPT, [2, 9, 310], [2, 55, 56, 57, 58, 59, 60]]
+    for mode in ({"draft_tokens": 3}, {"mtp": False}):
+        answers = {
+            compile: [a.token_ids for _, a in sorted(batch.generate_batch(
+                pair, prompts, max_tokens=30, ignore_eos=True, compile=compile, **mode))]
+            for compile in (False, True)
+        }
+        assert answers[False] == answers[True]
+
+
+def test_eager_sampling_runs_the_same_functions(echo_pairs):
+    """The eager path samples through the functions whose distribution test_sampling checks on
+    the compiled path; here it runs and drafts."""
+    pair = echo_pairs[("dense", False)]
+    ids = generated_ids(pair, PROMPT, max_tokens=20, temperature=1.0, top_k=3, seed=1,
+                        ignore_eos=True, draft_tokens=3, compile=False)
+    assert len(ids) == 20
+
+
+def test_a_step_is_traced_once_per_shape(echo_pairs):
+    """A second answer replays the first one's graphs; a context that grows into a larger
+    full-attention buffer traces each step once more."""
+    pair = echo_pairs[("dense", True)]
+    steps = steps_for(pair.target, pair.drafter, True)
+    options = dict(max_tokens=24, ignore_eos=True, draft_tokens=3)
+    generated_ids(pair, PROMPT, **options)
+    traced = steps.traces
+    generated_ids(pair, PROMPT, **options)
+    assert steps.traces == traced
+    long_prompt = PROMPT * 50  # 250 tokens: the answer crosses 256, the first bucket's end
+    generated_ids(pair, long_prompt, **options)
+    assert traced < steps.traces <= 2 * traced
+
+
+def test_full_attention_buffers_grow_in_few_buckets():
+    sizes = [full_slots(n) for n in range(1, 300_000, 97)]
+    assert all(s >= n for s, n in zip(sizes, range(1, 300_000, 97)))
+    assert all(s - n < 0.25 * s + 256 for s, n in zip(sizes, range(1, 300_000, 97)))
+    assert len(set(sizes)) <= 40  # traces per step shape over a 256k-token context
+
+
+def test_no_compile_gives_the_same_answer(tmp_path_factory):
+    tiny = build_tiny(tmp_path_factory)
+    answers = []
+    for flags in ((), ("--no-compile",)):
+        r = gemma("--model", str(tiny), "--prompt", "Hello there", "-n", "16", "--json", *flags)
+        assert r.exit_code == 0, r.output
+        answers.append(json.loads(r.stdout)["token_ids"])
+    assert answers[0] == answers[1] and len(answers[0]) > 1
