@@ -40,10 +40,11 @@ from .context import Context
 from .costs import RowCosts, measurements_for
 from .plain import PlainSteps
 from .policy import POLICY_MAX_DRAFT, LossBudget
+from .rounds import RoundPipeline
 from .sampling import Sampler
 from .speculative import Row, run_round
 from .stats import GenerationStats, RoundStats
-from .steps import steps_for
+from .steps import CompiledSteps, steps_for
 from .stored_costs import CostStore
 
 # Every duration here is read from this clock (tests put a controlled one in its place).
@@ -111,6 +112,8 @@ class Decoder:
         self.unsaved = False  # rounds run since the pair's costs were last written
         self.streams: list[Stream] = []
         self.plain: PlainSteps | None = None
+        # Compiled steps queue each round before the previous one is read (engine/rounds.py).
+        self.rounds: RoundPipeline | None = None
         self.baseline_left = 0  # plain steps still to run for the baseline measurement
         self.measuring = False  # this round is one of them
         self.plain_measuring = False  # the latest plain step was
@@ -138,7 +141,7 @@ class Decoder:
         if self.most_drafts > max_draft_tokens(ctx.slack):
             most = max_draft_tokens(ctx.slack)
             raise GemmaChatError(f"at most {most} draft tokens with this context")
-        self._close_plain()  # the pipeline restarts with the newcomer in it
+        self._close_pipelines()  # they restart with the newcomer in them
         stats = GenerationStats(context_tokens=len(ctx.tokens))
         earlier = self.measurements.rows(len(self.streams) + 1).trusted_plain
         stats.earlier_baseline_seconds = earlier
@@ -167,22 +170,27 @@ class Decoder:
     def remove(self, stream: Stream) -> None:
         """Stop decoding `stream` now (its reader went away); its cache keeps what it emitted."""
         if stream in self.streams:
-            if self.plain is not None:
-                self.plain.drop(stream.row)
+            self._drop_from_pipelines(stream.row)
             self.streams.remove(stream)
 
     def close(self) -> None:
-        """Leave every cache holding exactly what was emitted (the plain look-ahead out); once no
-        answer is running, write what the pair learned for later processes."""
-        self._close_plain()
+        """Leave every cache holding exactly what was emitted (what a pipeline queued out); once
+        no answer is running, write what the pair learned for later processes."""
+        self._close_pipelines()
         if self.unsaved and not self.streams and self.measurements.store is not None:
             self.measurements.store.save(self.measurements)
             self.unsaved = False
 
-    def _close_plain(self) -> None:
-        if self.plain is not None:
-            self.plain.close()
-            self.plain = None
+    def _close_pipelines(self) -> None:
+        for pipeline in (self.plain, self.rounds):
+            if pipeline is not None:
+                pipeline.close()
+        self.plain = self.rounds = None
+
+    def _drop_from_pipelines(self, row: Row) -> None:
+        for pipeline in (self.plain, self.rounds):
+            if pipeline is not None and row in pipeline.rows:
+                pipeline.drop(row)
 
     # -- rounds ------------------------------------------------------------------------------
     def step(self) -> list[Emitted]:
@@ -193,7 +201,8 @@ class Decoder:
         self.unsaved = True
         k = self._draft_length(costs)
         if k == 0:
-            return self._plain_step(costs)
+            out = self._round(costs, 0) if self.rounds is not None else []
+            return out + self._plain_step(costs) if self.streams else out
         out = []
         handed_over = self.plain is not None
         if handed_over:  # the plain pipeline's queued tokens come first: no forward is wasted
@@ -203,10 +212,26 @@ class Decoder:
             out = self._emit([(s, [t], replace(handed)) for s, t in zip(self.streams, ids)])
             if not self.streams:
                 return out
-        streams = list(self.streams)
-        results = run_round([s.row for s in streams], self.steps, k)
+        return out + self._round(costs, k, timed=not handed_over)
+
+    def _round(self, costs: RowCosts, k: int, timed: bool = True) -> list[Emitted]:
+        """A speculative round for every running answer; compiled steps read the round in
+        flight and queue the next of `k` drafts first (0: none, the pipeline ends)."""
+        by_row = {s.row: s for s in self.streams}
+        if isinstance(self.steps, CompiledSteps):
+            if self.rounds is None or self.rounds.inflight is None:
+                self.rounds = RoundPipeline([s.row for s in self.streams], self.steps, k)
+                timed = False  # this round was built while the device waited, as no other is
+            rows = list(self.rounds.inflight.rows)
+            k, results = self.rounds.step(k)
+            if self.rounds.inflight is None:
+                self.rounds = None
+        else:
+            rows = [s.row for s in self.streams]
+            results = run_round(rows, self.steps, k)
         end = clock()
-        if not handed_over:  # after a hand-over the round's time lacks the reader's work
+        streams = [by_row[r] for r in rows]
+        if timed:  # after a hand-over the round's time lacks the reader's work
             warm = all(s.stats.rounds >= BASELINE_AFTER for s in streams)
             costs.observe_round(k, end - self.last_end, warm)
         for r in results:
@@ -220,7 +245,7 @@ class Decoder:
             (s, r.tokens, RoundStats(k, r.accepted, plain_steps=worth))
             for s, r in zip(streams, results)
         ]
-        return out + self._emit(rounds, end)
+        return self._emit(rounds, end)
 
     def _draft_length(self, costs: RowCosts) -> int:
         """K for the next round; 0 is a plain step, also while the baseline is being measured
@@ -241,8 +266,10 @@ class Decoder:
         if self.measuring:
             self.baseline_left -= 1
             return 0
-        # A round emits up to K + 1 tokens, after the token a running plain pipeline hands over.
-        room = max(s.max_tokens - s.emitted for s in self.streams) - 1 - (self.plain is not None)
+        # A round emits up to K + 1 tokens, after the token a running plain pipeline hands over
+        # or the round in flight emits at least.
+        ahead = self.plain is not None or self.rounds is not None
+        room = max(s.max_tokens - s.emitted for s in self.streams) - 1 - ahead
         if room <= 0:
             return 0
         if self.fixed_k is None:
@@ -296,8 +323,7 @@ class Decoder:
         one kept is rolled back out of the cache (a plain look-ahead included)."""
         stop_at, finish = answer_end(tokens, s.emitted, s.max_tokens, s.stop)
         if finish:
-            if self.plain is not None and s.row in self.plain.rows:
-                self.plain.drop(s.row)
+            self._drop_from_pipelines(s.row)
             s.row.ctx.rewind(len(tokens) - 1 - stop_at)
             tokens = tokens[: stop_at + 1]
             s.finish_reason = finish

@@ -28,10 +28,10 @@ from .context import Context
 from .sampling import Sampler
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     """One sequence between rounds: its context, its sampler, its newest token [1, 1] and the
-    hidden state [1, 1, H] that produced it."""
+    hidden state [1, 1, H] that produced it (compared by identity)."""
 
     ctx: Context
     sampler: Sampler

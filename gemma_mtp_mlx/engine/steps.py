@@ -72,14 +72,18 @@ class CompiledSteps:
     def drafter(self):
         return self._drafter()
 
-    def speculate(self, rows: list[Row], k: int) -> RoundOutputs:
-        tokens, hidden = _stacked(rows)
+    def speculate(self, rows: list[Row], k: int, start: tuple | None = None) -> RoundOutputs:
+        """A round for `rows`. `start`, when given, is what the round starts from as arrays the
+        device computes (engine/rounds.py): the newest tokens [B, 1], the hidden states [B, 1, H]
+        and the offsets [B]; the caches' offsets are then left for the caller to set."""
+        tokens, hidden = _stacked(rows) if start is None else start[:2]
 
         def work(target, tokens, hidden, caches, samplers):
             drafts = draft(target, self.drafter, k, tokens, hidden, caches, samplers)
             return verify(target, k, tokens, drafts, caches, samplers)
 
-        return RoundOutputs(*self._run(("round", k), work, rows, k + 1, tokens, hidden))
+        offsets = None if start is None else start[2]
+        return RoundOutputs(*self._run(("round", k), work, rows, k + 1, tokens, hidden, offsets))
 
     def plain(self, rows: list[Row], tokens: mx.array) -> tuple[list, mx.array]:
         def work(target, tokens, hidden, caches, samplers):
@@ -87,8 +91,10 @@ class CompiledSteps:
 
         return self._run(("plain",), work, rows, 1, tokens, None)
 
-    def _run(self, kind: tuple, work, rows: list[Row], length: int, tokens, hidden):
-        """`work` over `rows`' caches as one compiled call that writes `length` new positions."""
+    def _run(self, kind: tuple, work, rows: list[Row], length: int, tokens, hidden, offsets=None):
+        """`work` over `rows`' caches as one compiled call that writes `length` new positions
+        after `offsets` ([B] int32; None: the caches' own, which then advance by `length`; else
+        the caches' offsets must bound them from above)."""
         for r in rows:
             for c in r.ctx.cache:
                 c.reserve(c.offset + length, c.keys, c.values)
@@ -98,7 +104,9 @@ class CompiledSteps:
             tuple(_full_slots(r.ctx.cache) for r in rows),
         )
         function = self._function(signature, work, samplers, length)
-        offsets = mx.array([r.ctx.cache[0].offset for r in rows], dtype=mx.int32)
+        advance = length if offsets is None else 0
+        if offsets is None:
+            offsets = mx.array([r.ctx.cache[0].offset for r in rows], dtype=mx.int32)
         keys = [None if s.greedy else s.key() for s in samplers]
         biases = [s.bias for s in samplers]
         # The cache objects let go of their buffers during the call, so that MLX writes the new
@@ -113,7 +121,7 @@ class CompiledSteps:
             _give_back(rows, buffers, 0)
             raise
         del buffers
-        _give_back(rows, written, length)
+        _give_back(rows, written, advance)
         return out
 
     def _function(self, signature: tuple, work, samplers: list, length: int):
