@@ -5,6 +5,7 @@ session files, on the tiny checkpoint."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -136,6 +137,8 @@ class Broken(Watched):
 
 
 def test_a_failing_row_ends_alone_and_the_others_equal_their_solo_runs(pair, monkeypatch):
+    # Eager steps: the fault is injected in Python, which a compiled step runs only when tracing.
+    pair = dataclasses.replace(pair, compile=False)
     app = create_app(pair, "tiny", ServeOptions(batch=4, queue=4))
     usage = {"stream_options": {"include_usage": True}}
     options = dict(max_tokens=40, ignore_eos=True, return_token_ids=True) | usage
@@ -205,7 +208,8 @@ def test_a_row_failing_mid_round_is_taken_out_and_the_rest_rewound(pair, k):
             return super().biased(logits, ids)
 
     def run(rows: list[int], faulty: int | None = None) -> tuple[dict, list]:
-        decoder, out, failed = Decoder(pair, draft_tokens=k), {}, []
+        # Eager: the fault is injected in Python, which a compiled step runs only when tracing.
+        decoder, out, failed = Decoder(pair, draft_tokens=k, compile=False), {}, []
         for i in rows:
             sampler, stop = make_sampler(pair, ignore_eos=True)
             if i == faulty:
@@ -229,6 +233,45 @@ def test_a_row_failing_mid_round_is_taken_out_and_the_rest_rewound(pair, k):
     assert failed == [1] and FailsLater.calls > 5
     assert together[0] == solo[0] and together[2] == solo[2] and len(solo[0]) == 24
 
+
+
+def test_a_row_failing_in_a_compiled_round_is_taken_out_and_the_rest_rewound(pair):
+    """Compiled steps run no Python of a row's sampler but its key: a sampling row whose key
+    stream fails takes itself out of rounds queued ahead of each other (engine/rounds.py)."""
+
+    class KeyFails(Sampler):
+        calls = 0
+
+        def key(self):
+            KeyFails.calls += 1
+            if KeyFails.calls > 6:
+                raise RuntimeError("injected")
+            return super().key()
+
+    def run(rows: list[int], faulty: int | None = None) -> tuple[dict, list]:
+        decoder, out, failed = Decoder(pair, draft_tokens=2, compile=True), {}, []
+        for i in rows:
+            sampler, stop = make_sampler(pair, ignore_eos=True, temperature=0.0 if i != faulty else 1.0)
+            if i == faulty:
+                sampler.__class__ = KeyFails
+            emitted = decoder.add(encode_prompt(pair.tokenizer, PROMPTS[i]), sampler, max_tokens=24, stop=stop)
+            out[emitted.stream] = (i, list(emitted.tokens))
+        while decoder.streams:
+            marks = isolation.mark(decoder)
+            try:
+                emitted = decoder.step()
+            except RuntimeError:
+                emitted, gone = isolation.step_each_alone(decoder, marks)
+                failed += [out[s][0] for s in gone]
+            for e in emitted:
+                out[e.stream][1].extend(e.tokens)
+        decoder.close()
+        return dict(out.values()), failed
+
+    solo = [run([i])[0][i] for i in (0, 2)]
+    together, failed = run([0, 1, 2], faulty=1)
+    assert failed == [1] and KeyFails.calls > 6
+    assert [together[0], together[2]] == solo and len(solo[0]) == 24
 
 # -- 2. session files and prompts are bounded before they are read or tokenized -----------------
 @pytest.fixture

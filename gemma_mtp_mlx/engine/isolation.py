@@ -4,7 +4,7 @@ row goes back to where it stood before the round, each steps alone, and the rows
 fails leave with an error while the others go on together.
 
 `mark` notes each running row before a round: the tokens its cache holds (a plain look-ahead
-not counted), its newest token and the hidden state behind it, its counters. `step_each_alone`
+or a round in flight not counted), its newest token and the hidden state behind it, its counters. `step_each_alone`
 rewinds each row to its mark (the failed round wrote at most a round's drafts and a look-ahead,
 which the caches' rollback room takes back, models/rollback.py) and runs one step per row. A
 row that steps alone emits what it would have in the batch: greedy rows do not depend on their
@@ -67,7 +67,7 @@ def step_each_alone(decoder: Decoder, marks: list[Mark]) -> tuple[list[Emitted],
     """After a round that raised: every row back to its mark, then one step for each row on its
     own. Returns what the rows gave and the rows that failed (out of the decoder); the rows
     still running are the decoder's again, for the next round together."""
-    decoder.plain = None  # whatever the failed round queued is gone with it
+    decoder.plain = decoder.rounds = None  # whatever the failed round queued is gone with it
     out, failed, running = [], [], []
     for m in marks:
         if not rewind(m):
@@ -79,7 +79,7 @@ def step_each_alone(decoder: Decoder, marks: list[Mark]) -> tuple[list[Emitted],
             out += decoder.step()
             decoder.close()  # the look-ahead out: the next row steps alone from a clean state
         except Exception:
-            decoder.plain = None
+            decoder.plain = decoder.rounds = None
             failed.append(m.stream)
             continue
         if m.stream.finish_reason is None:

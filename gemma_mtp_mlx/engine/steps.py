@@ -100,7 +100,7 @@ class CompiledSteps:
                 c.reserve(c.offset + length, c.keys, c.values)
         samplers = [r.sampler for r in rows]
         signature = kind + (
-            tuple((s.settings, s.bias is None) for s in samplers),
+            tuple((type(s), s.settings, s.bias is None) for s in samplers),
             tuple(_full_slots(r.ctx.cache) for r in rows),
         )
         function = self._function(signature, work, samplers, length)
