@@ -4,11 +4,12 @@ through the default, compiled path.)"""
 
 import json
 
+import mlx.core as mx
 import pytest
 
 from gemma_mtp_mlx.engine import batch
 from gemma_mtp_mlx.engine.steps import steps_for
-from gemma_mtp_mlx.models.cache import full_slots
+from gemma_mtp_mlx.models.cache import FullCache, full_slots
 from tests.conftest import generated_ids
 from tests.test_chat import build_tiny
 from tests.test_cli import gemma
@@ -69,6 +70,9 @@ def test_full_attention_buffers_grow_in_few_buckets():
     assert all(s >= n for s, n in zip(sizes, range(1, 300_000, 97)))
     assert all(s - n < 0.25 * s + 256 for s, n in zip(sizes, range(1, 300_000, 97)))
     assert len(set(sizes)) <= 40  # traces per step shape over a 256k-token context
+    cache, like = FullCache(limit=1000), mx.zeros((1, 1, 1, 4))
+    cache.reserve(900, like, like)  # a bucket of 1024 slots, held to the context's 1000
+    assert cache.keys.shape[2] == 1000
 
 
 def test_no_compile_gives_the_same_answer(tmp_path_factory):

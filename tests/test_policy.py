@@ -312,7 +312,8 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     rounds = [c.round for c in slower[1:]]
     measured = [i for i, r in enumerate(rounds) if r.measuring and r.plain_steps == 1]
     assert len(measured) == BASELINE_STEPS
-    assert BASELINE_AFTER < measured[0] <= BASELINE_AFTER + BASELINE_EVERY + 1
+    # (+ 2: the round in flight, then the step that fills the plain pipeline)
+    assert BASELINE_AFTER < measured[0] <= BASELINE_AFTER + BASELINE_EVERY + 2
     assert slower[-1].stats.baseline_tokens_per_second == pytest.approx(12.5, rel=0.05)
     # A new measurement starts over: the stale figure is not averaged in.
     assert costs.plain == pytest.approx(0.08, rel=0.05) and not costs.stale

@@ -91,8 +91,11 @@ def write_cache(
     return write_private(path, lambda f: mx.save_safetensors(f, arrays, metadata=meta))
 
 
-def read_cache(path: Path, pair, slack: int, transcript_digest: str) -> SavedCache:
-    """The cache saved at `path` for this pair and transcript, or CacheRefused."""
+def read_cache(
+    path: Path, pair, slack: int, transcript_digest: str, limit: int | None = None
+) -> SavedCache:
+    """The cache saved at `path` for this pair and transcript, or CacheRefused; `limit` is the
+    context it goes into (it caps the full-attention buffers, `Model.make_cache`)."""
     try:
         arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception:  # MLX reports truncation and garbage as RuntimeError or ValueError
@@ -115,18 +118,18 @@ def read_cache(path: Path, pair, slack: int, transcript_digest: str) -> SavedCac
     if meta.get("transcript") != transcript_digest:
         raise CacheRefused("it was saved with another version of this conversation")
     try:
-        return _rebuild(arrays, meta, pair.target, slack)
+        return _rebuild(arrays, meta, pair.target, slack, limit)
     except (KeyError, ValueError, TypeError) as e:
         raise CacheRefused(f"it does not fit this model's caches ({e})") from None
 
 
-def _rebuild(arrays: dict, meta: dict, target, slack: int) -> SavedCache:
+def _rebuild(arrays: dict, meta: dict, target, slack: int, limit: int | None) -> SavedCache:
     if meta.get("slack") != str(slack):
         raise ValueError(f"slack {meta.get('slack')}, not {slack}")
     tokens = _ids(arrays["tokens"], target)
     carried = _ids(arrays["carried"], target) if "carried" in arrays else None
     layers = json.loads(meta["layers"])
-    cache = target.make_cache(slack)
+    cache = target.make_cache(slack, limit)
     if len(layers) != len(cache):
         raise ValueError(f"{len(layers)} layers, not {len(cache)}")
     for i, (layer, c) in enumerate(zip(layers, cache)):

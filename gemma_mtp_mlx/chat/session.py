@@ -547,7 +547,7 @@ class Session:
             refused = "it holds a picture that is left out"
         elif kv.is_file():
             try:
-                saved = read_cache(kv, self.pair, self.context.slack, digest)
+                saved = read_cache(kv, self.pair, self.context.slack, digest, self.context.limit)
             except CacheRefused as e:
                 refused = str(e)
             else:

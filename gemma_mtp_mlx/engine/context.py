@@ -55,7 +55,7 @@ class Context:
                          target.args.max_position_embeddings)
         self.slack = slack
         self.keep_snapshot = keep_snapshot
-        self.cache = target.make_cache(slack)
+        self.cache = target.make_cache(slack, self.limit)
         self.tokens: list[int] = []
         self.images: list[tuple[int, int, str]] = []  # (start, length, digest) of held pictures
         self.snapshot: Snapshot | None = None
@@ -84,7 +84,7 @@ class Context:
         self.images = [b for b in self.images if b[0] < len(self.tokens)]
 
     def reset(self) -> None:
-        self.cache = self.target.make_cache(self.slack)
+        self.cache = self.target.make_cache(self.slack, self.limit)
         self.tokens = []
         self.images = []
         self.snapshot = None

@@ -200,9 +200,8 @@ class Decoder:
         costs = self.measurements.rows(len(self.streams))
         self.unsaved = True
         k = self._draft_length(costs)
-        if k == 0:
-            out = self._round(costs, 0) if self.rounds is not None else []
-            return out + self._plain_step(costs) if self.streams else out
+        if k == 0:  # a round in flight is read first, alone: plain steps start at the next step
+            return self._round(costs, 0) if self.rounds is not None else self._plain_step(costs)
         out = []
         handed_over = self.plain is not None
         if handed_over:  # the plain pipeline's queued tokens come first: no forward is wasted
@@ -218,12 +217,15 @@ class Decoder:
         """A speculative round for every running answer; compiled steps read the round in
         flight and queue the next of `k` drafts first (0: none, the pipeline ends)."""
         by_row = {s.row: s for s in self.streams}
+        traces = self.steps.traces
         if isinstance(self.steps, CompiledSteps):
             if self.rounds is None or self.rounds.inflight is None:
                 self.rounds = RoundPipeline([s.row for s in self.streams], self.steps, k)
                 timed = False  # this round was built while the device waited, as no other is
             rows = list(self.rounds.inflight.rows)
-            k, results = self.rounds.step(k)
+            # A parked policy's probe is one round: none queued behind it on its decision.
+            probe = self.fixed_k is None and self.measurements.policy.probing
+            k, results = self.rounds.step(0 if probe else k)
             if self.rounds.inflight is None:
                 self.rounds = None
         else:
@@ -231,7 +233,9 @@ class Decoder:
             results = run_round(rows, self.steps, k)
         end = clock()
         streams = [by_row[r] for r in rows]
-        if timed:  # after a hand-over the round's time lacks the reader's work
+        # After a hand-over the round's time lacks the reader's work; tracing a new step's graph
+        # is no round's cost.
+        if timed and self.steps.traces == traces:
             warm = all(s.stats.rounds >= BASELINE_AFTER for s in streams)
             costs.observe_round(k, end - self.last_end, warm)
         for r in results:
@@ -260,7 +264,8 @@ class Decoder:
         # first; a fixed K drafts on, and measures once the answer's first rounds are over.
         untrusted = not costs.trusted and (self.fixed_k is None or not cold)
         if (untrusted or (bool(checked) and costs.stale)) and not self.baseline_left:
-            self.baseline_left = BASELINE_STEPS + (self.plain is None)  # + the one that fills
+            # + the step that fills the plain pipeline, and the one that reads a round in flight
+            self.baseline_left = BASELINE_STEPS + (self.plain is None) + (self.rounds is not None)
             costs.start_measurement(provisional=cold or not costs.trusted)
         self.measuring = bool(self.baseline_left)
         if self.measuring:
@@ -279,12 +284,13 @@ class Decoder:
 
     def _plain_step(self, costs: RowCosts) -> list[Emitted]:
         steady = self.plain is not None  # the first step also builds the forward it queues
+        traces = self.steps.traces
         if self.plain is None:
             self.plain = PlainSteps([s.row for s in self.streams], self.steps)
         self.plain_measuring = self.measuring
         ids = self.plain.step()
         end = clock()
-        if steady:
+        if steady and self.steps.traces == traces:  # tracing a graph is no step's cost
             costs.observe_plain(end - self.last_end)
         if self.measuring and not self.baseline_left:
             costs.end_measurement()

@@ -51,6 +51,7 @@ class DraftPolicy:
         self.seen = [0.0] * max_draft
         self.parked_rounds = 0
         self.probe_interval = PARKED_PROBE_START
+        self.probing = False  # the latest choice is a parked policy's probe
 
     @property
     def acceptance(self) -> list[float]:
@@ -73,11 +74,11 @@ class DraftPolicy:
 
     def choose(self, costs, limit: int) -> int:
         """The draft length for the next round, at most `limit`."""
-        k = self.best(costs)
+        k, self.probing = self.best(costs), False
         if k == 0:
             self.parked_rounds += 1
             if self.parked_rounds >= self.probe_interval:
-                k, self.parked_rounds = 1, 0
+                k, self.parked_rounds, self.probing = 1, 0, True
                 self.probe_interval = min(2 * self.probe_interval, PARKED_PROBE_MAX)
         else:
             self.parked_rounds, self.probe_interval = 0, PARKED_PROBE_START

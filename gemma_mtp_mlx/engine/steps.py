@@ -41,6 +41,8 @@ def plain_step(target, tokens: mx.array, caches: list[list], samplers) -> tuple[
 
 
 class EagerSteps:
+    traces = 0  # nothing is traced: the graph is built anew at every step
+
     def __init__(self, target, drafter):
         self.target, self.drafter = target, drafter
 

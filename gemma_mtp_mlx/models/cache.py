@@ -114,7 +114,12 @@ def uncached_view(keys: mx.array, values: mx.array, rope, window: int | None) ->
 
 
 class FullCache(KVCache):
-    """Every position (mlx-lm's KVCache), its buffer grown in buckets (`full_slots`)."""
+    """Every position (mlx-lm's KVCache), its buffer grown in buckets (`full_slots`), never
+    beyond `limit` slots (the context the memory preflight counted) unless asked to."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__()
+        self.limit = limit
 
     def reserve(self, n: int, like_k: mx.array, like_v: mx.array) -> None:
         """Grow the buffer so that it holds at least `n` positions."""
@@ -122,7 +127,7 @@ class FullCache(KVCache):
         if n <= have:
             return
         B, H, _, Dk = like_k.shape
-        grow = full_slots(n) - have
+        grow = max(n, min(full_slots(n), self.limit or full_slots(n))) - have
         new_k = mx.zeros((B, H, grow, Dk), like_k.dtype)
         new_v = mx.zeros((B, H, grow, like_v.shape[3]), like_v.dtype)
         if self.keys is None:

@@ -330,13 +330,14 @@ class Model(nn.Module):
             FULL: cache[self.args.store_layer(FULL)].drafter_view(),
         }
 
-    def make_cache(self, slack: int = 64) -> list:
+    def make_cache(self, slack: int = 64, limit: int | None = None) -> list:
         """One cache per non-shared layer. `slack` bounds how many tokens can be rolled back
-        on sliding layers once the window has wrapped (`SlidingWindowCache.max_rollback`)."""
+        on sliding layers once the window has wrapped (`SlidingWindowCache.max_rollback`);
+        `limit` caps the full-attention buffers (the context, as the memory preflight counts)."""
         return [
             SlidingWindowCache(self.args.sliding_window, slack)
             if self.args.layer_types[i] == SLIDING
-            else FullCache()
+            else FullCache(limit)
             for i in range(self.args.first_shared_layer)
         ]
 
