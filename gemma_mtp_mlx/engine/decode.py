@@ -223,9 +223,12 @@ class Decoder:
                 self.rounds = RoundPipeline([s.row for s in self.streams], self.steps, k)
                 timed = False  # this round was built while the device waited, as no other is
             rows = list(self.rounds.inflight.rows)
-            # A parked policy's probe is one round: none queued behind it on its decision.
+            # A parked policy's probe is one round: none queued behind it on its decision. Near
+            # an answer's end the next round waits to be decided on what this one emits, so that
+            # it drafts past no end, as an unpipelined round would not.
             probe = self.fixed_k is None and self.measurements.policy.probing
-            k, results = self.rounds.step(0 if probe else k)
+            ahead = k <= self._room(self.rounds.inflight.k + 1) and not probe
+            k, results = self.rounds.step(k if ahead else 0)
             if self.rounds.inflight is None:
                 self.rounds = None
         else:
@@ -273,14 +276,18 @@ class Decoder:
             return 0
         # A round emits up to K + 1 tokens, after the token a running plain pipeline hands over
         # or the round in flight emits at least.
-        ahead = self.plain is not None or self.rounds is not None
-        room = max(s.max_tokens - s.emitted for s in self.streams) - 1 - ahead
+        room = self._room(int(self.plain is not None or self.rounds is not None))
         if room <= 0:
             return 0
         if self.fixed_k is None:
             k = self.measurements.policy.choose(costs, room)
             return 0 if self.budget.spent else k
         return min(self.fixed_k, room)
+
+    def _room(self, ahead: int) -> int:
+        """The most drafts a round may hold without drafting past the end of every answer, after
+        `ahead` tokens that come before it."""
+        return max(s.max_tokens - s.emitted for s in self.streams) - 1 - ahead
 
     def _plain_step(self, costs: RowCosts) -> list[Emitted]:
         steady = self.plain is not None  # the first step also builds the forward it queues
