@@ -7,6 +7,7 @@ import json
 import mlx.core as mx
 import pytest
 
+from gemma_mtp_mlx import load
 from gemma_mtp_mlx.engine import batch
 from gemma_mtp_mlx.engine.steps import steps_for
 from gemma_mtp_mlx.models.cache import FullCache, full_slots
@@ -50,11 +51,13 @@ def test_eager_sampling_runs_the_same_functions(echo_pairs):
     assert len(ids) == 20
 
 
-def test_a_step_is_traced_once_per_shape(echo_pairs):
+def test_a_step_is_traced_once_per_shape(ckpt):
     """A second answer replays the first one's graphs; a context that grows into a larger
-    full-attention buffer traces each step once more."""
-    pair = echo_pairs[("dense", True)]
+    full-attention buffer traces each step once more. (A pair of its own: compiled steps are
+    kept per pair, and other tests' answers trace theirs.)"""
+    pair = load(str(ckpt["dense"]), str(ckpt["dense-centroids"]))
     steps = steps_for(pair.target, pair.drafter, True)
+    assert steps.traces == 0
     options = dict(max_tokens=24, ignore_eos=True, draft_tokens=3)
     generated_ids(pair, PROMPT, **options)
     traced = steps.traces
