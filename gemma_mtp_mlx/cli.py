@@ -689,7 +689,7 @@ def bench_command(
     moe: Annotated[bool, typer.Option("--moe-curve", help="Only the MoE verify cost curve: ours vs mlx-lm on a random 26B-A4B-core stack (no model is loaded).")] = False,
     moe_layers: Annotated[int, typer.Option("--moe-layers", min=1, help="Layers of that stack (each ~3.2 GB fp32).")] = 4,
     fresh: Annotated[bool, typer.Option("--fresh-processes", help="Each answer its own gemma-chat process (plain, -k 1, -k 3, auto; with and without stored costs), as scripted use meets it (300 tokens, 64 with --quick).")] = False,
-    host: Annotated[bool, typer.Option("--host", help="The host's work per plain step and per round of K = 1-4, eager against compiled, on --model or on a deep, narrow pair (--shape S --narrow).")] = False,
+    host: Annotated[bool, typer.Option("--host", help="The host's work per plain step and per round of K = 1-4, eager against compiled, on --model, on --shape (real widths) or on a deep, narrow pair (--shape S --narrow).")] = False,
     narrow: Annotated[bool, typer.Option("--narrow", help="With --host --shape: every layer of that shape at tiny widths (a Mac's small-model regime).")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ):
