@@ -7,7 +7,7 @@ of the first query) that `view.attend(queries, rope)` turns into attention. KV-s
 the drafter attend through the view their source layer returned; the model never sees offsets.
 
 Full-attention layers use `FullCache`, mlx-lm's `KVCache` (trimming it is exact at any length)
-growing in buckets (`full_slots`): a compiled step (engine/compiled.py) sees one buffer shape for
+growing in buckets (`full_slots`): a compiled step (engine/steps.py) sees one buffer shape for
 many steps, and so traces its graph again only a few times per doubling of the context.
 
 Sliding-window layers use `SlidingWindowCache`, a ring buffer of `window + slack` slots where
