@@ -5,7 +5,9 @@ answer still running: a speculative round (draft K, verify K + 1 in one target f
 all rows, accept, commit) or, when K = 0, a step of the pipelined plain loop. Finished answers
 (end of sequence, `max_tokens`) leave; others may join between steps. Every answer gets the
 same treatment whatever runs beside it: the draft length from the policy (or fixed), capped so
-that no round drafts past an answer's end, the baseline measurement, the plain pipeline.
+that no round drafts past an answer's end, the baseline measurement, the plain pipeline. With
+compiled steps (engine/steps.py) rounds are pipelined too (engine/rounds.py): a step reads the
+round queued at the step before and queues the next, of the K decided now, before it does.
 
 K per round comes from `DraftPolicy` over the costs this machine has shown so far
 (engine/costs.py), learned from these very rounds. Steady plain steps are the baseline behind
