@@ -240,12 +240,13 @@ class Decoder:
         streams = [by_row[r] for r in rows]
         # After a hand-over the round's time lacks the reader's work; tracing a new step's graph
         # is no round's cost.
-        if timed and self.steps.traces == traces:
+        traced = self.steps.traces != traces
+        if timed and not traced:
             warm = all(s.stats.rounds >= BASELINE_AFTER for s in streams)
             costs.observe_round(k, end - self.last_end, warm)
         for r in results:
             self.measurements.policy.observe(k, r.accepted)
-        if self.fixed_k is None:
+        if self.fixed_k is None and not traced:
             tokens = sum(len(r.tokens) for r in results) / len(results)
             self.budget.settle(tokens, (end - self.last_end) / costs.current_plain - tokens)
         ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
