@@ -276,12 +276,15 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     then drafts; the round after the pipeline hands over its token is timed from the hand-over;
     costs learned for later answers of the same pair."""
     pair = echo_pairs[("dense", True)]
-    measurements_for(pair.target, pair.drafter).by_rows.clear()
+    measurements_for(pair.target, pair.drafter, pair.compile).by_rows.clear()
     chunks = read(clock, generate(pair, PROMPT, max_tokens=50, ignore_eos=True, draft_tokens=3), 0.05)
     rounds = [c.round for c in chunks[1:]]
-    assert [r.drafted for r in rounds[:BASELINE_AFTER]] == [3] * BASELINE_AFTER
+    # + the round in flight when the measurement was decided (compiled steps queue each round
+    # before the previous one is read, engine/rounds.py)
+    drafting = BASELINE_AFTER + 1
+    assert [r.drafted for r in rounds[:drafting]] == [3] * drafting
     plain = 2 * BASELINE_STEPS + 1  # two measurements that agree, and the step filling the pipeline
-    measured, rounds = rounds[BASELINE_AFTER : BASELINE_AFTER + plain], rounds[BASELINE_AFTER + plain :]
+    measured, rounds = rounds[drafting : drafting + plain], rounds[drafting + plain :]
     assert all(r.measuring for r in measured)
     assert [r.plain_steps for r in measured] == [0] * (plain - 1) + [1]  # trusted at the last
     handed = rounds[0]
@@ -289,7 +292,7 @@ def test_speculative_rounds_measure_the_baseline_first_then_now_and_then(echo_pa
     assert rounds[1].drafted == 3 and not any(r.measuring for r in rounds[1:])
     stats = chunks[-1].stats
     assert stats.baseline_tokens_per_second == pytest.approx(20, rel=0.05)
-    costs = measurements_for(pair.target, pair.drafter).rows(1)
+    costs = measurements_for(pair.target, pair.drafter, pair.compile).rows(1)
     assert costs.plain == pytest.approx(0.05, rel=0.05) and 3 in costs.rounds
     assert costs.trusted and not costs.provisional
     # The next answer drafts from its first round; once its rounds settled after that
@@ -325,15 +328,16 @@ def test_the_first_answer_shows_no_speedup_until_a_baseline_it_trusts(echo_pairs
     from gemma_mtp_mlx.chat.view import meter_text
 
     pair = echo_pairs[("dense", False)]
-    measurements_for(pair.target, pair.drafter).by_rows.clear()
+    measurements_for(pair.target, pair.drafter, pair.compile).by_rows.clear()
     shown = []
     for chunk in generate(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=2):
         line = meter_text(chunk.stats, mtp=True, draft=2, context_used=0, context_limit=100).plain
         shown.append((chunk.round.plain_steps if chunk.round else 0, line))
         clock.now += 0.02
-    # The prefill's token, the answer's first rounds, the step filling the pipeline and two
-    # measurements, but for their last step.
-    untrusted = 1 + BASELINE_AFTER + 2 * BASELINE_STEPS
+    # The prefill's token, the answer's first rounds and the round in flight after them
+    # (engine/rounds.py), the step filling the pipeline and two measurements, but for their last
+    # step.
+    untrusted = 1 + BASELINE_AFTER + 1 + 2 * BASELINE_STEPS
     assert all("measuring baseline" in line and "×" not in line for _, line in shown[:untrusted])
     assert shown[untrusted][0] == 1  # the first trusted plain step
     assert all(re.search(r"baseline [\d.]+ tok/s measured · [\d.]+×", line) for _, line in shown[untrusted:])
@@ -347,7 +351,7 @@ def test_a_long_answer_measures_again_when_round_costs_drift(echo_pairs, clock):
     context grew, the machine got busier) it is taken again at the next check (every
     BASELINE_EVERY rounds), and only then."""
     pair = echo_pairs[("moe", False)]
-    measurements_for(pair.target, pair.drafter).by_rows.clear()
+    measurements_for(pair.target, pair.drafter, pair.compile).by_rows.clear()
     chunks = []
     for i, chunk in enumerate(generate(pair, PROMPT, max_tokens=900, ignore_eos=True, draft_tokens=2)):
         chunks.append(chunk)
@@ -355,27 +359,37 @@ def test_a_long_answer_measures_again_when_round_costs_drift(echo_pairs, clock):
     measuring = [c.round.measuring for c in chunks[1:]]
     starts = [i for i, m in enumerate(measuring) if m and (i == 0 or not measuring[i - 1])]
     # Once the first rounds are over (nothing measured yet: two measurements in a row, that
-    # agree), then once after the drift.
-    assert len(starts) == 2 and starts[0] == BASELINE_AFTER, starts
-    assert all(measuring[BASELINE_AFTER : BASELINE_AFTER + 2 * BASELINE_STEPS + 1])
-    assert 300 < starts[1] <= 300 + BASELINE_EVERY + 1
+    # agree), then once after the drift; each after the round in flight when it was decided
+    # (engine/rounds.py).
+    first = BASELINE_AFTER + 1
+    assert len(starts) == 2 and starts[0] == first, starts
+    assert all(measuring[first : first + 2 * BASELINE_STEPS + 1])
+    assert 300 < starts[1] <= 300 + BASELINE_EVERY + 2
 
 
 @pytest.fixture
 def round_cost(clock, monkeypatch):
     """`round_cost(seconds_for_k)`: every speculative round of K drafts also takes
-    `seconds_for_k(k)` on the controlled clock (its verify and drafter, made dear)."""
+    `seconds_for_k(k)` on the controlled clock (its verify and drafter, made dear), read
+    eagerly (`run_round`) or from the compiled steps' pipeline (`RoundPipeline.step`)."""
     from gemma_mtp_mlx.engine import decode
+    from gemma_mtp_mlx.engine.rounds import RoundPipeline
 
     def set_cost(seconds_for_k):
-        real = decode.run_round
+        real_round, real_step = decode.run_round, RoundPipeline.step
 
-        def run_round(rows, drafter, k):
-            out = real(rows, drafter, k)
+        def run_round(rows, steps, k):
+            out = real_round(rows, steps, k)
             clock.now += seconds_for_k(k)
             return out
 
+        def step(pipeline, k_next):
+            k, results = real_step(pipeline, k_next)
+            clock.now += seconds_for_k(k)
+            return k, results
+
         monkeypatch.setattr(decode, "run_round", run_round)
+        monkeypatch.setattr(RoundPipeline, "step", step)
 
     return set_cost
 
@@ -395,14 +409,14 @@ def test_a_cold_start_is_measured_until_two_measurements_agree(echo_pairs, clock
 
     monkeypatch.setattr(PlainSteps, "step", cold_step)
     pair = echo_pairs[("moe", True)]
-    measurements_for(pair.target, pair.drafter).by_rows.clear()
+    measurements_for(pair.target, pair.drafter, pair.compile).by_rows.clear()
     chunks = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True), 0.01)
     rounds = [c.round for c in chunks[1:]]
     measured = next(i for i, r in enumerate(rounds) if not r.measuring)
     # The fill, then steps of 18.8, 12.0 and 11.1 ms by measurement (reader's 10 ms, a tick, and
     # what is left of the cold start): the second and third agree within DRIFT; the hand-over.
     assert measured == 3 * BASELINE_STEPS + 2
-    costs = measurements_for(pair.target, pair.drafter).rows(1)
+    costs = measurements_for(pair.target, pair.drafter, pair.compile).rows(1)
     assert costs.trusted and costs.plain == pytest.approx(0.0111, rel=0.01)
     assert sum(r.plain_steps for r in rounds[:measured]) == 1
 
@@ -419,7 +433,7 @@ def test_what_exploring_loses_against_plain_decoding_is_bounded(pairs, clock, ro
     if not bounded:
         monkeypatch.setattr(policy, "EXPLORE_ALLOWANCE", math.inf)
     pair = pairs[("dense", False)]
-    m = measurements_for(pair.target, pair.drafter)
+    m = measurements_for(pair.target, pair.drafter, pair.compile)
     m.by_rows.clear()
     m.policy = DraftPolicy()
     step = 0.011  # the reader's 0.01 s per chunk and a tick of the clock: a plain step
@@ -436,7 +450,7 @@ def test_the_budget_never_parks_drafting_that_wins(echo_pairs, clock):
     """Rounds that cost a plain step and emit more: every policy round gains, so after the
     first measurement the policy drafts every round."""
     pair = echo_pairs[("dense", False)]
-    m = measurements_for(pair.target, pair.drafter)
+    m = measurements_for(pair.target, pair.drafter, pair.compile)
     m.by_rows.clear()
     m.policy = DraftPolicy()
     chunks = read(clock, generate(pair, PROMPT, max_tokens=120, ignore_eos=True), 0.01)
@@ -488,7 +502,7 @@ def test_an_answer_joining_a_running_decoder_takes_its_recent_measurement(echo_p
     assert not any(r.measuring for r in rounds)
     # Its rounds count by the plain/round ratio measured at 2 rows: its meter says what plain
     # steps would have cost meanwhile.
-    costs = measurements_for(pair.target, pair.drafter).rows(2)
+    costs = measurements_for(pair.target, pair.drafter, pair.compile).rows(2)
     assert costs.plain_ratio(2) and not late.stream.stats.baseline_is_earlier
     assert late.stream.stats.baseline_tokens_per_second == pytest.approx(1 / costs.current_plain, rel=0.1)
     decoder.close()

@@ -55,11 +55,11 @@ def test_a_second_load_starts_where_the_first_answer_stopped(tiny, clock, notes)
         clock.now += 0.01
     assert any(c.round and c.round.measuring for c in chunks)
     assert notes() == [f"costs: none stored for this pair on this machine yet ({costs_path()})"]
-    learned = measurements_for(first.target, first.drafter)
+    learned = measurements_for(first.target, first.drafter, first.compile)
     assert learned.rows(1).plain_ratio(2)
     (entry,) = read_entries(costs_path())
     assert entry["names"] == {"target": "target", "drafter": "assistant"}
-    assert entry["key"]["compile"] is False and entry["key"]["precision"] == "float32 / float32"
+    assert entry["key"]["compile"] is True and entry["key"]["precision"] == "float32 / float32"
 
     second = load(str(tiny))
     chunks = []
@@ -67,7 +67,7 @@ def test_a_second_load_starts_where_the_first_answer_stopped(tiny, clock, notes)
         chunks.append(chunk)
         clock.now += 0.01
     assert re.fullmatch(r"costs: starting from what a run on .+ learned \(.+\)", notes()[-1])
-    carried = measurements_for(second.target, second.drafter)
+    carried = measurements_for(second.target, second.drafter, second.compile)
     assert carried is not learned
     assert carried.policy.accepted == pytest.approx(learned.policy.accepted)
     costs = carried.rows(1)

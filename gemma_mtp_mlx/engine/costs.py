@@ -228,7 +228,7 @@ class Measurements:
 _KEPT: dict[tuple[int, int, bool], Measurements] = {}
 
 
-def measurements_for(target, drafter, compile: bool = False) -> Measurements:
+def measurements_for(target, drafter, compile: bool) -> Measurements:
     """The one `Measurements` of this pair of model objects (drafter None: plain decoding) in
     this compile mode (compiled steps cost differently)."""
     key = (id(target), id(drafter), compile)
