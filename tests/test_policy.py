@@ -400,6 +400,9 @@ def test_a_cold_start_is_measured_until_two_measurements_agree(echo_pairs, clock
     meter's baseline, the policy's yardstick)."""
     from gemma_mtp_mlx.engine.plain import PlainSteps
 
+    pair = echo_pairs[("moe", True)]
+    # Every graph this answer runs traced beforehand (a step that traces is not timed).
+    read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True), 0.01)
     steps, step = [], PlainSteps.step
 
     def cold_step(self):
@@ -408,8 +411,9 @@ def test_a_cold_start_is_measured_until_two_measurements_agree(echo_pairs, clock
         return step(self)
 
     monkeypatch.setattr(PlainSteps, "step", cold_step)
-    pair = echo_pairs[("moe", True)]
-    measurements_for(pair.target, pair.drafter, pair.compile).by_rows.clear()
+    m = measurements_for(pair.target, pair.drafter, pair.compile)
+    m.by_rows.clear()
+    m.policy = DraftPolicy()
     chunks = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True), 0.01)
     rounds = [c.round for c in chunks[1:]]
     measured = next(i for i, r in enumerate(rounds) if not r.measuring)

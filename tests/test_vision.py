@@ -196,6 +196,9 @@ def test_mtp_after_the_picture_is_plain_decoding(seeing, ckpt, name, tmp_path):
         *({"type": "image", "path": str(p)} for p in paths),
     ]}]
     plain = generated_ids(pair, message, max_tokens=40, mtp=False)
+    # A first answer measures this pair's plain step after its first rounds, right where this
+    # answer's repeated tokens (the echo drafter's hits) are; the second drafts throughout.
+    generated_ids(pair, message, max_tokens=40, draft_tokens=3)
     chunks = list(generate(pair, message, max_tokens=40, draft_tokens=3))
     assert [t for c in chunks for t in c.token_ids] == plain
     assert chunks[-1].stats.accepted > 0 and chunks[-1].stats.prompt_tokens == 168
