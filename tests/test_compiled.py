@@ -89,3 +89,20 @@ def test_no_compile_gives_the_same_answer(tmp_path_factory):
         assert r.exit_code == 0, r.output
         answers.append(json.loads(r.stdout)["token_ids"])
     assert answers[0] == answers[1] and len(answers[0]) > 1
+
+
+def test_kept_compiled_steps_let_their_models_go(ckpt):
+    """Compiled steps are kept per pair while its models live; they must not keep them alive."""
+    import gc
+    import weakref
+
+    from gemma_mtp_mlx.engine import steps as steps_module
+
+    pair = load(str(ckpt["e2b"]), str(ckpt["e2b-assistant"]))
+    generated_ids(pair, PROMPT, max_tokens=8, draft_tokens=2)
+    key = (id(pair.target), id(pair.drafter))
+    assert key in steps_module._COMPILED
+    target = weakref.ref(pair.target)
+    del pair
+    gc.collect()
+    assert target() is None and key not in steps_module._COMPILED

@@ -130,11 +130,13 @@ class CompiledSteps:
         if signature in self.functions:
             self.functions.move_to_end(signature)
             return self.functions[signature]
-        target = self.target
-        window = target.args.sliding_window
-        kinds = [isinstance(c, SlidingWindowCache) for c in target.make_cache()]
+        window = self.target.args.sliding_window
+        kinds = [isinstance(c, SlidingWindowCache) for c in self.target.make_cache()]
 
         def traced(tokens, hidden, offsets, buffers, keys, biases):
+            # The model is looked up when tracing, not held: kept compiled steps must not keep
+            # a model alive that its pair let go (`steps_for`).
+            target = self.target
             self.traces += 1
             caches = []
             for b, row in enumerate(buffers):
