@@ -63,10 +63,6 @@ def batched(caches: list[list]) -> list:
     return [RowsCache([row[i] for row in caches]) for i in range(len(caches[0]))]
 
 
-def rows_cache(rows: list[Row]) -> list:
-    return batched([r.ctx.cache for r in rows])
-
-
 def draft(
     target, drafter: Assistant, k: int, tokens: mx.array, hidden: mx.array, caches: list[list],
     samplers: list[Sampler],
@@ -151,7 +147,7 @@ def run_round(rows: list[Row], steps, k: int) -> list[RoundResult]:
     drafts K, one target forward verifies all rows' blocks, each row accepts and commits on its
     own: its rejected drafts leave its cache and `token`/`hidden` move on. Rows stay
     independent: a row's tokens are those of its own run. `steps` runs the device work, eager or
-    compiled (engine/compiled.py)."""
+    compiled (engine/steps.py)."""
     out = steps.speculate(rows, k)
     mx.eval(out.accepted, out.next_tokens, out.drafts)
     accepted, nxt, drafts = out.accepted.tolist(), out.next_tokens.tolist(), out.drafts.tolist()
