@@ -48,6 +48,12 @@ class RoundPipeline:
 
     def _queue(self, k: int, start: tuple) -> InFlight:
         out = self.steps.speculate(self.rows, k, start)
+        # The round writes K + 1 positions after its start, which the caches' offsets bound from
+        # above: the rings count them written now, whatever happens before it is read.
+        for r in self.rows:
+            for c in r.ctx.cache:
+                if isinstance(c, SlidingWindowCache):
+                    c.written = max(c.written, c.offset + k + 1)
         accepted = out.accepted
         hidden = mx.take_along_axis(out.hiddens, accepted[:, None, None], axis=1)
         next_start = (out.next_tokens[:, None], hidden, start[2] + accepted + 1)
