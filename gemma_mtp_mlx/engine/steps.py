@@ -11,6 +11,7 @@ advance as the eager store does, so rollback, snapshots and saved caches see no 
 A sampling row draws from a key split off its own stream once per step, inside the step.
 """
 
+import time
 import weakref
 from collections import OrderedDict
 
@@ -65,6 +66,7 @@ class CompiledSteps:
         self._drafter = weakref.ref(drafter) if drafter is not None else lambda: None
         self.functions: OrderedDict = OrderedDict()
         self.traces = 0  # graphs traced so far: the first step of each shape, and no other
+        self.trace_seconds = 0.0  # the host's time in the calls that traced (the warm-up)
 
     @property
     def target(self):
@@ -117,12 +119,15 @@ class CompiledSteps:
         for r in rows:
             for c in r.ctx.cache:
                 c.keys = c.values = None
+        traces, start = self.traces, time.perf_counter()
         try:
             out, written = function(tokens, hidden, offsets, buffers, keys, biases)
         except BaseException:
             _give_back(rows, buffers, 0)
             raise
         del buffers
+        if self.traces != traces:
+            self.trace_seconds += time.perf_counter() - start
         _give_back(rows, written, advance)
         return out
 
