@@ -176,9 +176,11 @@ def test_text_chats_never_read_the_tower_and_text_checkpoints_refuse_pictures(se
 
 
 @pytest.mark.parametrize("name", ["e2b", "dense"])
-def test_mtp_after_the_picture_is_plain_decoding(seeing, ckpt, name, tmp_path):
+def test_mtp_after_the_picture_is_plain_decoding(seeing, ckpt, name, tmp_path, clock):
     """The drafter reads the target's K/V over the pictures like any other positions: greedy
-    tokens with MTP are the plain ones, with drafts accepted (an echo drafter)."""
+    tokens with MTP are the plain ones, with drafts accepted (an echo drafter). The controlled
+    clock keeps the policy's measurements, and so where this answer drafts, the same on every
+    machine."""
     from fixtures import tiny_checkpoints as tiny
     from gemma_mtp_mlx import generate
     from tests.conftest import generated_ids, make_echo_drafter
