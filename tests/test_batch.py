@@ -49,6 +49,41 @@ def test_rows_end_on_their_own(echo_pairs, mode):
         assert answer.finish_reason == ("stop" if len(answer.token_ids) < limit else "length")
 
 
+@pytest.mark.parametrize("first", [14, 25])
+def test_a_row_leaving_while_a_round_is_in_flight_hands_over_to_costs_not_measured_yet(
+    echo_pairs, clock, monkeypatch, first
+):
+    """The policy drafts for two rows (plain steps cost 50 ms, rounds a tick, acceptance seen
+    high); one row ends while the next round is in flight, and the one left has no plain step
+    measured for a single row: that round is read, the lone row measures, then drafts on, with
+    every token its own run's."""
+    from gemma_mtp_mlx.engine.costs import measurements_for
+    from gemma_mtp_mlx.engine.plain import PlainSteps
+    from gemma_mtp_mlx.engine.policy import DraftPolicy
+
+    step = PlainSteps.step
+
+    def slow_step(self):
+        clock.now += 0.05
+        return step(self)
+
+    monkeypatch.setattr(PlainSteps, "step", slow_step)
+    pair = echo_pairs[("e2b", False)]
+    measurements = measurements_for(pair.target, pair.drafter, True)
+    monkeypatch.setattr(measurements, "by_rows", {})
+    monkeypatch.setattr(measurements, "policy", DraftPolicy())
+    for _ in range(100):
+        measurements.policy.observe(4, 4)
+    limits = [first, 60]
+    answers = generate_batch(pair, PROMPTS[:2], max_tokens=limits, ignore_eos=True)
+    assert answers[0].stats.drafted > 0 and answers[1].stats.drafted > answers[0].stats.drafted
+    assert measurements.by_rows[1].plain is not None  # the lone row measured its own
+    for prompt, limit, answer in zip(PROMPTS, limits, answers):
+        assert answer.token_ids == generated_ids(
+            pair, prompt, max_tokens=limit, ignore_eos=True, mtp=False
+        )
+
+
 def test_a_finished_row_makes_room_for_the_next_prompt(echo_pairs):
     """Two rows at a time over six prompts: each answer is still its own run's."""
     pair = echo_pairs[("e2b", False)]

@@ -224,6 +224,7 @@ class Decoder:
             if self.rounds is None or self.rounds.inflight is None:
                 self.rounds = RoundPipeline([s.row for s in self.streams], self.steps, k)
                 timed = False  # this round was built while the device waited, as no other is
+            timed = timed and self.rounds.inflight.whole
             rows = list(self.rounds.inflight.rows)
             # A parked policy's probe is one round: none queued behind it on its decision. Near
             # an answer's end the next round waits to be decided on what this one emits, so that
@@ -246,9 +247,12 @@ class Decoder:
             costs.observe_round(k, end - self.last_end, warm)
         for r in results:
             self.measurements.policy.observe(k, r.accepted)
-        if self.fixed_k is None and not traced:
+        # The loss budget weighs a round against the plain step of these rows; a batch that just
+        # lost a row may have none measured yet (its first steps measure it).
+        plain = costs.current_plain
+        if self.fixed_k is None and not traced and plain is not None:
             tokens = sum(len(r.tokens) for r in results) / len(results)
-            self.budget.settle(tokens, (end - self.last_end) / costs.current_plain - tokens)
+            self.budget.settle(tokens, (end - self.last_end) / plain - tokens)
         ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
         worth = 1 / ratio if ratio else 0.0
         rounds = [

@@ -34,6 +34,8 @@ class InFlight:
     rows: list[Row]
     out: RoundOutputs
     next_start: tuple  # the next round's tokens [B, 1], hidden states [B, 1, H], offsets [B]
+    whole: bool = True  # False once a row left it: it still computes that row, so its time is
+    # no round of the rows it now holds
 
 
 class RoundPipeline:
@@ -112,6 +114,7 @@ class RoundPipeline:
             tokens, hidden, offsets = self.inflight.next_start
             self.inflight.next_start = (tokens[keep], hidden[keep], offsets[keep])
             self.inflight.rows.remove(row)
+            self.inflight.whole = False
             self.inflight.out = RoundOutputs(*(a[keep] for a in self.inflight.out))
 
     def close(self) -> None:
