@@ -30,6 +30,20 @@ def test_compiled_steps_give_the_eager_tokens_past_the_window(echo_pairs, shape,
     assert generated_ids(pair, PROMPT, draft_tokens=3, compile=True, **options) == eager
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_rounds_queued_ahead_across_a_buffer_bucket_keep_every_position(echo_pairs, k):
+    """A prompt that ends K + 1 slots before the full-attention buffer's end: the first round
+    fills it to the brim and the round queued behind it, before the first is read, starts
+    past it. That one must grow the buffer first (the caches' offsets bound the round in
+    flight's positions), or it writes past the end and the tokens part from plain decoding."""
+    pair = echo_pairs[("e2b", False)]
+    prompt = [2] + [40 + i % 300 for i in range(full_slots(1) - k - 2)]
+    assert len(prompt) + k + 1 == full_slots(1)
+    options = dict(max_tokens=12, ignore_eos=True)
+    plain = generated_ids(pair, prompt, mtp=False, compile=False, **options)
+    assert generated_ids(pair, prompt, draft_tokens=k, compile=True, **options) == plain
+
+
 def test_batch_rows_are_the_same_eager_and_compiled(echo_pairs):
     pair = echo_pairs[("e2b", False)]
     prompts = [PROMPT, [2, 9, 310], [2, 55, 56, 57, 58, 59, 60]]

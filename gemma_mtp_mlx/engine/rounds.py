@@ -50,12 +50,15 @@ class RoundPipeline:
 
     def _queue(self, k: int, start: tuple) -> InFlight:
         out = self.steps.speculate(self.rows, k, start)
-        # The round writes K + 1 positions after its start, which the caches' offsets bound from
-        # above: the rings count them written now, whatever happens before it is read.
+        # The caches' offsets bound the round's start from above; moved past its K + 1
+        # positions, they bound what it writes, so a round queued behind it, before it is read,
+        # grows the full-attention buffers to hold its own writes. The rings count them written
+        # now, whatever happens before it is read.
         for r in self.rows:
             for c in r.ctx.cache:
+                c.offset += k + 1
                 if isinstance(c, SlidingWindowCache):
-                    c.written = max(c.written, c.offset + k + 1)
+                    c.written = max(c.written, c.offset)
         accepted = out.accepted
         hidden = mx.take_along_axis(out.hiddens, accepted[:, None, None], axis=1)
         next_start = (out.next_tokens[:, None], hidden, start[2] + accepted + 1)
