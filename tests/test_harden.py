@@ -193,6 +193,34 @@ def test_a_failing_row_ends_alone_and_the_others_equal_their_solo_runs(pair, mon
         assert final["speculative"]["rows_together"] == 4  # they shared rounds with the faulty one
 
 
+def _rows_with_isolation(
+    decoder, pair, rows: list[int], faulty: int | None, faulty_class, faulty_temperature=0.0
+) -> tuple[dict, list]:
+    """PROMPTS[rows] decoded together (24 tokens each) as the scheduler does: marks before each
+    step, each row alone after one that raised; row `faulty` samples with `faulty_class`.
+    Returns each row's tokens and the rows that failed."""
+    out, failed = {}, []
+    for i in rows:
+        temperature = faulty_temperature if i == faulty else 0.0
+        sampler, stop = make_sampler(pair, ignore_eos=True, temperature=temperature)
+        if i == faulty:
+            sampler.__class__ = faulty_class
+        prompt = encode_prompt(pair.tokenizer, PROMPTS[i])
+        emitted = decoder.add(prompt, sampler, max_tokens=24, stop=stop)
+        out[emitted.stream] = (i, list(emitted.tokens))
+    while decoder.streams:
+        marks = isolation.mark(decoder)
+        try:
+            emitted = decoder.step()
+        except RuntimeError:
+            emitted, gone = isolation.step_each_alone(decoder, marks)
+            failed += [out[s][0] for s in gone]
+        for e in emitted:
+            out[e.stream][1].extend(e.tokens)
+    decoder.close()
+    return dict(out.values()), failed
+
+
 @pytest.mark.parametrize("k", [0, 2])  # the plain pipeline (its look-ahead) and speculative rounds
 def test_a_row_failing_mid_round_is_taken_out_and_the_rest_rewound(pair, k):
     """The decoder's side of the scheduler's rounds (serve/scheduler.py): marks before each
@@ -209,24 +237,9 @@ def test_a_row_failing_mid_round_is_taken_out_and_the_rest_rewound(pair, k):
 
     def run(rows: list[int], faulty: int | None = None) -> tuple[dict, list]:
         # Eager: the fault is injected in Python, which a compiled step runs only when tracing.
-        decoder, out, failed = Decoder(pair, draft_tokens=k, compile=False), {}, []
-        for i in rows:
-            sampler, stop = make_sampler(pair, ignore_eos=True)
-            if i == faulty:
-                sampler.__class__ = FailsLater
-            emitted = decoder.add(encode_prompt(pair.tokenizer, PROMPTS[i]), sampler, max_tokens=24, stop=stop)
-            out[emitted.stream] = (i, list(emitted.tokens))
-        while decoder.streams:
-            marks = isolation.mark(decoder)
-            try:
-                emitted = decoder.step()
-            except RuntimeError:
-                emitted, gone = isolation.step_each_alone(decoder, marks)
-                failed += [out[s][0] for s in gone]
-            for e in emitted:
-                out[e.stream][1].extend(e.tokens)
-        decoder.close()
-        return dict(out.values()), failed
+        return _rows_with_isolation(
+            Decoder(pair, draft_tokens=k, compile=False), pair, rows, faulty, FailsLater
+        )
 
     solo = [run([i])[0][i] for i in range(3)]
     together, failed = run([0, 1, 2], faulty=1)
@@ -249,24 +262,8 @@ def test_a_row_failing_in_a_compiled_round_is_taken_out_and_the_rest_rewound(pai
             return super().key()
 
     def run(rows: list[int], faulty: int | None = None) -> tuple[dict, list]:
-        decoder, out, failed = Decoder(pair, draft_tokens=2, compile=True), {}, []
-        for i in rows:
-            sampler, stop = make_sampler(pair, ignore_eos=True, temperature=0.0 if i != faulty else 1.0)
-            if i == faulty:
-                sampler.__class__ = KeyFails
-            emitted = decoder.add(encode_prompt(pair.tokenizer, PROMPTS[i]), sampler, max_tokens=24, stop=stop)
-            out[emitted.stream] = (i, list(emitted.tokens))
-        while decoder.streams:
-            marks = isolation.mark(decoder)
-            try:
-                emitted = decoder.step()
-            except RuntimeError:
-                emitted, gone = isolation.step_each_alone(decoder, marks)
-                failed += [out[s][0] for s in gone]
-            for e in emitted:
-                out[e.stream][1].extend(e.tokens)
-        decoder.close()
-        return dict(out.values()), failed
+        decoder = Decoder(pair, draft_tokens=2, compile=True)
+        return _rows_with_isolation(decoder, pair, rows, faulty, KeyFails, faulty_temperature=1.0)
 
     solo = [run([i])[0][i] for i in (0, 2)]
     together, failed = run([0, 1, 2], faulty=1)
