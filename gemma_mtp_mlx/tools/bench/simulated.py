@@ -19,8 +19,12 @@ import numpy as np
 class Proposals:
     """What a simulated drafter proposes for each sequence position (prompt included)."""
 
-    def __init__(self, sequence: list[int], acceptance: float, vocab: int, seed: int = 0):
-        """`sequence`: the prompt followed by the target's greedy continuation (ours plain)."""
+    def __init__(
+        self, sequence: list[int], acceptance: float, vocab: int, seed: int = 0,
+        hits: np.ndarray | None = None,
+    ):
+        """`sequence`: the prompt followed by the target's greedy continuation (ours plain).
+        `hits`: which positions hit, where a test sets them (`acceptance` is not drawn then)."""
         if not 0.0 <= acceptance <= 1.0:
             raise ValueError(f"acceptance {acceptance} is not in [0, 1]")
         self.sequence = sequence
@@ -28,7 +32,9 @@ class Proposals:
         self.vocab = vocab
         # One draw per position, independent; a position drafted twice (an untried draft of one
         # round is drafted again in the next) keeps its outcome.
-        self.hits = np.random.default_rng(seed).random(len(sequence)) < acceptance
+        if hits is None:
+            hits = np.random.default_rng(seed).random(len(sequence)) < acceptance
+        self.hits = hits
         # The same proposals as an array, for a drafter inside a compiled step (its positions
         # are arrays there), and one more entry for every position past the reference.
         table = [self.token(p) for p in range(len(sequence))] + [0]

@@ -1,0 +1,140 @@
+"""The draft policy against fixed draft lengths, on a clock that only this script moves.
+
+    .venv/bin/python scripts/policy_sim.py [--per-draft 0.37] [--tokens 300]
+
+On a busy machine the same answer twice differs by more than the policy's shortfall, so the pair
+bench cannot tell a better policy from a luckier run. Here the engine decodes for real (the
+demo pair, compiled steps, the real decoder with its baseline measurements, loss budget and
+probes), but time passes only as this script says: a plain step costs STEP, a round of K drafts
+STEP x (1 + ROUND_FIXED + per_draft x K), the reader READ per chunk. Drafts hit where the demo
+drafter's did: each workload of the pair bench is decoded once at K = 6 and the accepted
+positions kept (the simulated drafter of the bench then proposes the target's token exactly
+there). The default per-draft cost is the demo pair's own on the 2-core VM (its plain/round
+ratios: a round of K costs about 1 + 0.37 K plain steps).
+
+Printed per workload: tokens per simulated second of each fixed K, and of the policy three
+times in a row in one process, its first answer with nothing learned ("fresh") and the two
+after, each as a share of the best fixed K.
+"""
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gemma_mtp_mlx import generate, load  # noqa: E402
+from gemma_mtp_mlx.engine import decode, stored_costs  # noqa: E402
+from gemma_mtp_mlx.engine.plain import PlainSteps  # noqa: E402
+from gemma_mtp_mlx.engine.rounds import RoundPipeline  # noqa: E402
+from gemma_mtp_mlx.tools.bench.simulated import Proposals, SimulatedDrafter  # noqa: E402
+from gemma_mtp_mlx.tools.bench.workloads import workloads  # noqa: E402
+
+STEP, ROUND_FIXED, READ = 0.01, 0.05, 0.0005
+
+
+class Clock:
+    """Each reading costs the engine a fifth of a millisecond; the rest is set below."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.0002
+        return self.now
+
+
+def simulate_time(clock: Clock, per_draft: float) -> None:
+    real_plain, real_round, real_step = PlainSteps.step, decode.run_round, RoundPipeline.step
+
+    def plain_step(steps):
+        out = real_plain(steps)
+        clock.now += STEP
+        return out
+
+    def run_round(rows, steps, k):
+        out = real_round(rows, steps, k)
+        clock.now += STEP * (1 + ROUND_FIXED + per_draft * k)
+        return out
+
+    def pipeline_step(pipeline, k_next):
+        k, results = real_step(pipeline, k_next)
+        clock.now += STEP * (1 + ROUND_FIXED + per_draft * k)
+        return k, results
+
+    decode.clock = clock
+    PlainSteps.step, decode.run_round, RoundPipeline.step = plain_step, run_round, pipeline_step
+    # Every answer starts from what this process learned, never from a file of earlier runs.
+    stored_costs.CostStore.open = classmethod(lambda cls, *args, **kwargs: None)
+
+
+def hits_of(pair, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """The target's greedy answer and, per sequence position, whether the real drafter's draft
+    there was accepted in rounds of 6 (a round's bonus token counts as a hit). The answer is
+    decoded twice and the second kept: the first measures the pair's plain step, and the
+    positions of those plain steps say nothing about the drafter."""
+    for _ in generate(pair, prompt, max_tokens=n, draft_tokens=6, ignore_eos=True):
+        pass
+    answer, hits = [], [False] * (len(prompt) + 1)
+    for chunk in generate(pair, prompt, max_tokens=n, draft_tokens=6, ignore_eos=True):
+        answer += chunk.token_ids
+        if chunk.round is not None and chunk.round.drafted:
+            a, d = chunk.round.accepted, chunk.round.drafted
+            hits += [True] * a + [a == d]
+        elif chunk.round is not None:
+            hits.append(False)
+    return answer, np.array(hits[: len(prompt) + n], dtype=bool)
+
+
+def simulated(pair, proposals: Proposals):
+    """The pair with the simulated drafter: a new drafter object, so nothing learned with
+    another carries over."""
+    return dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
+
+
+def speed(clock: Clock, pair, prompt: list[int], n: int, k: int | None) -> float:
+    start, emitted = None, 0
+    for chunk in generate(pair, prompt, max_tokens=n, draft_tokens=k, ignore_eos=True):
+        clock.now += READ
+        start = clock.now if start is None else start
+        emitted += len(chunk.token_ids)
+    return (emitted - 1) / (clock.now - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-draft", type=float, default=0.37)
+    parser.add_argument("--tokens", type=int, default=300)
+    args = parser.parse_args()
+    pair = load("demo")
+    clock = Clock()
+    simulate_time(clock, args.per_draft)  # first: where the recording measures its baseline too
+    recorded = {
+        w.name: (w.prompt, *hits_of(pair, w.prompt, args.tokens))
+        for w in workloads(pair, args.tokens)
+    }
+    shares = {"fresh": [], "then": [], "then again": []}
+    for name, (prompt, answer, hits) in recorded.items():
+        proposals = Proposals(prompt + answer, 1.0, pair.target.args.vocab_size, hits=hits)
+        fixed = {
+            k: speed(clock, simulated(pair, proposals), prompt, args.tokens, k) for k in range(1, 7)
+        }
+        best = max(fixed.values())
+        policy_pair = simulated(pair, proposals)  # one pair: what its answers learn carries over
+        policy = [speed(clock, policy_pair, prompt, args.tokens, None) for _ in shares]
+        row = " ".join(f"K={k} {v:5.1f}" for k, v in fixed.items())
+        said = " ".join(f"{label} {v / best:.2f}" for label, v in zip(shares, policy))
+        print(f"{name:10s} {row} | policy: {said}")
+        for label, v in zip(shares, policy):
+            shares[label].append(v / best)
+    for label, values in shares.items():
+        lowest, mean = min(values), statistics.mean(values)
+        print(f"policy / best K, {label}: lowest {lowest:.2f}, mean {mean:.2f}")
+
+
+if __name__ == "__main__":
+    main()
