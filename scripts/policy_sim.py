@@ -12,9 +12,10 @@ positions kept (the simulated drafter of the bench then proposes the target's to
 there). The default per-draft cost is the demo pair's own on the 2-core VM (its plain/round
 ratios: a round of K costs about 1 + 0.37 K plain steps).
 
-Printed per workload: tokens per simulated second of each fixed K, and of the policy three
-times in a row in one process, its first answer with nothing learned ("fresh") and the two
-after, each as a share of the best fixed K.
+Printed per workload: tokens per simulated second of plain decoding and each fixed K, and of
+the policy three times in a row in one process, its first answer with nothing learned ("fresh")
+and the two after, each as a share of the best fixed K; then how far the meter's baseline in
+every MTP answer was from plain decoding's simulated speed.
 """
 
 import argparse
@@ -96,13 +97,15 @@ def simulated(pair, proposals: Proposals):
     return dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
 
 
-def speed(clock: Clock, pair, prompt: list[int], n: int, k: int | None) -> float:
-    start, emitted = None, 0
-    for chunk in generate(pair, prompt, max_tokens=n, draft_tokens=k, ignore_eos=True):
+def answer_speed(clock: Clock, pair, prompt: list[int], n: int, k: int | None, mtp=True):
+    """(tokens per simulated second, the meter's baseline in tokens per second)."""
+    start, emitted, stats = None, 0, None
+    for chunk in generate(pair, prompt, max_tokens=n, draft_tokens=k, mtp=mtp, ignore_eos=True):
         clock.now += READ
         start = clock.now if start is None else start
         emitted += len(chunk.token_ids)
-    return (emitted - 1) / (clock.now - start)
+        stats = chunk.stats
+    return (emitted - 1) / (clock.now - start), stats.baseline_tokens_per_second
 
 
 def main() -> None:
@@ -118,22 +121,27 @@ def main() -> None:
         for w in workloads(pair, args.tokens)
     }
     shares = {"fresh": [], "then": [], "then again": []}
+    meters = []
     for name, (prompt, answer, hits) in recorded.items():
+        plain, _ = answer_speed(clock, pair, prompt, args.tokens, None, mtp=False)
         proposals = Proposals(prompt + answer, 1.0, pair.target.args.vocab_size, hits=hits)
         fixed = {
-            k: speed(clock, simulated(pair, proposals), prompt, args.tokens, k) for k in range(1, 7)
+            k: answer_speed(clock, simulated(pair, proposals), prompt, args.tokens, k)
+            for k in range(1, 7)
         }
-        best = max(fixed.values())
+        best = max(tps for tps, _ in fixed.values())
         policy_pair = simulated(pair, proposals)  # one pair: what its answers learn carries over
-        policy = [speed(clock, policy_pair, prompt, args.tokens, None) for _ in shares]
-        row = " ".join(f"K={k} {v:5.1f}" for k, v in fixed.items())
-        said = " ".join(f"{label} {v / best:.2f}" for label, v in zip(shares, policy))
-        print(f"{name:10s} {row} | policy: {said}")
-        for label, v in zip(shares, policy):
-            shares[label].append(v / best)
+        policy = [answer_speed(clock, policy_pair, prompt, args.tokens, None) for _ in shares]
+        row = " ".join(f"K={k} {tps:5.1f}" for k, (tps, _) in fixed.items())
+        said = " ".join(f"{label} {tps / best:.2f}" for label, (tps, _) in zip(shares, policy))
+        print(f"{name:10s} plain {plain:5.1f} {row} | policy: {said}")
+        for label, (tps, _) in zip(shares, policy):
+            shares[label].append(tps / best)
+        meters += [baseline / plain for _, baseline in [*fixed.values(), *policy] if baseline]
     for label, values in shares.items():
         lowest, mean = min(values), statistics.mean(values)
         print(f"policy / best K, {label}: lowest {lowest:.2f}, mean {mean:.2f}")
+    print(f"the meter's baseline / plain decoding: {min(meters):.3f}-{max(meters):.3f}")
 
 
 if __name__ == "__main__":

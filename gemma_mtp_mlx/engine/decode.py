@@ -247,14 +247,12 @@ class Decoder:
             costs.observe_round(k, end - self.last_end, warm)
         for r in results:
             self.measurements.policy.observe(k, r.accepted)
-        # The loss budget weighs what a round of K costs these rows (the running average this
-        # round went into: one round's stall on a busy machine is no loss of drafting's) against
-        # their plain step; a batch that just lost a row may have none measured yet (its first
-        # steps measure it).
+        # The loss budget weighs a round against the plain step of these rows; a batch that just
+        # lost a row may have none measured yet (its first steps measure it).
         plain = costs.current_plain
         if self.fixed_k is None and not traced and plain is not None:
             tokens = sum(len(r.tokens) for r in results) / len(results)
-            self.budget.settle(tokens, costs.round_seconds(k) / plain - tokens)
+            self.budget.settle(tokens, (end - self.last_end) / plain - tokens)
         ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
         worth = 1 / ratio if ratio else 0.0
         rounds = [
@@ -289,11 +287,8 @@ class Decoder:
         if room <= 0:
             return 0
         if self.fixed_k is None:
-            policy = self.measurements.policy
-            if self.budget.spent:  # parked; a probe may lose what a round of one draft costs
-                probe_loss = costs.round_seconds(1) / costs.current_plain - 1
-                return policy.parked(room, may_probe=self.budget.affords(probe_loss))
-            return policy.choose(costs, room)
+            k = self.measurements.policy.choose(costs, room)
+            return 0 if self.budget.spent else k
         return min(self.fixed_k, room)
 
     def _room(self, ahead: int) -> int:
