@@ -24,7 +24,8 @@ class Proposals:
         hits: np.ndarray | None = None,
     ):
         """`sequence`: the prompt followed by the target's greedy continuation (ours plain).
-        `hits`: which positions hit, where a test sets them (`acceptance` is not drawn then)."""
+        `hits`: which positions hit, where the caller knows them (scripts/policy_sim.py: the
+        demo drafter's own); `acceptance` is not drawn then."""
         if not 0.0 <= acceptance <= 1.0:
             raise ValueError(f"acceptance {acceptance} is not in [0, 1]")
         self.sequence = sequence
