@@ -1,15 +1,18 @@
 """The draft-length policy and the measurements behind it and the meter: costs learned from
 real rounds (synthetic figures here), and what the decoder times, under a controlled clock."""
 
+import dataclasses
 import math
 import re
 
+import numpy as np
 import pytest
 
 from gemma_mtp_mlx import generate
 from gemma_mtp_mlx.engine.costs import DRIFT, POOL, SETTLE, RowCosts, measurements_for
 from gemma_mtp_mlx.engine.decode import BASELINE_AFTER, BASELINE_EVERY, BASELINE_STEPS
 from gemma_mtp_mlx.engine.policy import PARKED_PROBE_START, DraftPolicy, expected_tokens
+from gemma_mtp_mlx.tools.bench.simulated import Proposals, SimulatedDrafter
 
 PROMPT = [2, 40, 77, 301, 12]
 
@@ -168,6 +171,21 @@ def test_a_steep_measured_slope_never_prices_a_round_below_a_plain_step():
     assert policy.choose(costs, limit=6) in range(7)
 
 
+def test_a_longer_round_measured_cheaper_does_not_make_deeper_drafts_free():
+    """Seen on a tiny pair: rounds of 2 drafts measured cheaper than rounds of 1 (noise), and a
+    slope of zero past them priced 6 drafts at a plain step, so with a drafter that never hits
+    (its acceptance estimate near zero but not zero) the policy drafted 6 a round."""
+    costs = RowCosts()
+    costs.observe_plain(1.0)
+    costs.observe_round(1, 1.6)
+    costs.observe_round(2, 1.1)
+    assert costs.round_seconds(6) == pytest.approx(1.1 + 4 * 0.25)  # the prior's slope
+    policy = DraftPolicy()
+    for _ in range(12):
+        policy.observe(2, 0)
+    assert policy.best(costs) == 0
+
+
 def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
     costs = measured(1.0, {k: 1.0 + 0.07 * k for k in range(1, 5)})
     policy = DraftPolicy(max_draft=4)
@@ -200,9 +218,21 @@ def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
         policy.observe(1, 0)
     assert policy.best(costs) == 0
     # Probes after PARKED_PROBE_START parked rounds, then after twice as many, and so on.
-    choices = [policy.choose(costs, limit=2) for _ in range(7 * PARKED_PROBE_START)]
-    probes = [i + 1 for i, k in enumerate(choices) if k]
+    probes = []
+    for i in range(7 * PARKED_PROBE_START):
+        if policy.choose(costs, limit=2):
+            policy.observe(1, 0)
+            probes.append(i + 1)
     assert probes == [PARKED_PROBE_START, 3 * PARKED_PROBE_START, 7 * PARKED_PROBE_START]
+    # One that hits is followed by another at once, and the wait starts over.
+    assert policy.choose(costs, limit=2) == 0
+    policy.parked_rounds = policy.probe_interval - 1
+    assert policy.choose(costs, limit=2) == 1
+    policy.observe(1, 1)
+    assert policy.choose(costs, limit=2) == 1
+    policy.observe(1, 0)
+    choices = [policy.choose(costs, limit=2) for _ in range(2 * PARKED_PROBE_START)]
+    assert choices.index(1) + 1 == 2 * PARKED_PROBE_START
 
 
 def test_policy_follows_what_rounds_really_cost():
@@ -436,6 +466,7 @@ def test_what_exploring_loses_against_plain_decoding_is_bounded(pairs, clock, ro
     allowance = policy.EXPLORE_ALLOWANCE
     if not bounded:
         monkeypatch.setattr(policy, "EXPLORE_ALLOWANCE", math.inf)
+        monkeypatch.setattr(policy, "BANKED_MOST", math.inf)
     pair = pairs[("dense", False)]
     m = measurements_for(pair.target, pair.drafter, pair.compile)
     m.by_rows.clear()
@@ -461,6 +492,31 @@ def test_the_budget_never_parks_drafting_that_wins(echo_pairs, clock):
     rounds = [c.round for c in chunks[1:]]
     first = next(i for i, r in enumerate(rounds) if r.drafted)
     assert all(r.drafted for r in rounds[first:-2]), [r.drafted for r in rounds]
+
+
+def test_a_stretch_the_drafter_misses_does_not_park_a_good_answer_for_the_rest(pairs, clock, round_cost):
+    """Every draft hits but for 24 positions mid-answer that all miss; a round of K costs a plain
+    step and 0.3 K more. The rounds before the stretch bank what they gain, so the policy drafts
+    on once the stretch is over: a budget that banked no more than its allowance was spent in
+    the stretch and parked the policy for the rest of the answer."""
+    pair = pairs[("dense", False)]
+    n = 240
+    plain = [t for c in generate(pair, PROMPT, max_tokens=n, ignore_eos=True, mtp=False) for t in c.token_ids]
+    hits = np.ones(len(PROMPT) + n, dtype=bool)
+    stretch_end = len(PROMPT) + 124
+    hits[stretch_end - 24 : stretch_end] = False
+    proposals = Proposals(PROMPT + plain, 1.0, pair.target.args.vocab_size, hits=hits)
+    simulated = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
+    round_cost(lambda k: 0.011 * 0.3 * k)
+    chunks = read(clock, generate(simulated, PROMPT, max_tokens=n, ignore_eos=True), 0.01)
+    assert [t for c in chunks for t in c.token_ids] == plain
+    position, parked_after = len(PROMPT), []
+    for c in chunks[1:]:
+        near_the_end = position > len(PROMPT) + n - 8  # rounds that would draft past it
+        if position > stretch_end + 16 and not near_the_end and not c.round.drafted and not c.round.measuring:
+            parked_after.append(position)
+        position += len(c.token_ids)
+    assert any(c.round.drafted for c in chunks[1:]) and not parked_after, parked_after
 
 
 def test_policy_rounds_are_lossless(echo_pairs):

@@ -203,8 +203,9 @@ class RowCosts:
             return self.rounds[lo] + (self.rounds[hi] - self.rounds[lo]) * (k - lo) / (hi - lo)
         near = below[-2:] if below else above[:2]
         slope = plain * PRIOR_PER_DRAFT
-        if len(near) == 2:
-            slope = max(0.0, (self.rounds[near[1]] - self.rounds[near[0]]) / (near[1] - near[0]))
+        if len(near) == 2 and self.rounds[near[1]] > self.rounds[near[0]]:
+            # (a longer round measured cheaper is noise: past it, drafts are not free)
+            slope = (self.rounds[near[1]] - self.rounds[near[0]]) / (near[1] - near[0])
         j = near[-1] if below else near[0]
         # A round with drafts costs at least a plain step (its verify is a forward of 2+ tokens);
         # extrapolating down a steep, noisy slope could otherwise reach zero.

@@ -240,16 +240,20 @@ class Decoder:
         end = clock()
         streams = [by_row[r] for r in rows]
         # After a hand-over the round's time lacks the reader's work; tracing a new step's graph
-        # is no round's cost.
+        # is no round's cost; nor is an interval of half a plain step or less (a round verifies
+        # two tokens or more): the read alone of a pipeline's last round, which ran while the
+        # step before was read.
         traced = self.steps.traces != traces
-        if timed and not traced:
+        plain = costs.current_plain
+        read_after_it_ran = plain is not None and end - self.last_end <= plain / 2
+        if timed and not traced and not read_after_it_ran:
             warm = all(s.stats.rounds >= BASELINE_AFTER for s in streams)
             costs.observe_round(k, end - self.last_end, warm)
         for r in results:
             self.measurements.policy.observe(k, r.accepted)
-        # The loss budget weighs a round against the plain step of these rows; a batch that just
-        # lost a row may have none measured yet (its first steps measure it).
-        plain = costs.current_plain
+        # The loss budget weighs a round's interval against the plain step of these rows (the
+        # intervals of a pipeline's rounds add up to what they took); a batch that just lost a
+        # row may have none measured yet (its first steps measure it).
         if self.fixed_k is None and not traced and plain is not None:
             tokens = sum(len(r.tokens) for r in results) / len(results)
             self.budget.settle(tokens, (end - self.last_end) / plain - tokens)
@@ -287,8 +291,11 @@ class Decoder:
         if room <= 0:
             return 0
         if self.fixed_k is None:
-            k = self.measurements.policy.choose(costs, room)
-            return 0 if self.budget.spent else k
+            policy = self.measurements.policy
+            if self.budget.spent:  # parked; a probe may lose what a round of one draft costs
+                probe_loss = costs.round_seconds(1) / costs.current_plain - 1
+                return policy.parked(room, may_probe=self.budget.affords(probe_loss))
+            return policy.choose(costs, room)
         return min(self.fixed_k, room)
 
     def _room(self, ahead: int) -> int:

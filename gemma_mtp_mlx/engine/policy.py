@@ -7,13 +7,18 @@ K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens in C(K) seconds (cos
 decoding emits 1 per pipelined plain step. The policy picks the K with the highest E(K) / C(K).
 
 While parked, a round now and then drafts once more so that a workload that turns predictable
-unparks; each probe that does not unpark doubles the wait for the next (PARKED_PROBE_START
-rounds up to PARKED_PROBE_MAX), so a drafter that never hits costs next to nothing.
+unparks. A probe that misses doubles the wait for the next (PARKED_PROBE_START rounds up to
+PARKED_PROBE_MAX), so a drafter that never hits costs next to nothing; a probe that hits is
+followed by another at once and the wait starts over: hits pay their own way and lift the
+acceptance estimate until drafting wins again, where probes spaced out by a wait that doubled
+at every probe took most of an answer to unpark.
 
 What drafting may lose is bounded (`LossBudget`): a pair with no history (a fresh process, no
 stored costs) starts from priors and has to try draft lengths to learn what they cost and how
 often they hit; a round that turns out worse than plain decoding spends from a budget that grows
-by EXPLORE_SHARE of a plain step per token emitted, and the policy parks while it is spent.
+by EXPLORE_SHARE of a plain step per token emitted, and the policy parks while it is spent. Its
+probes go on while parked so, each once the budget has earned back what it could lose: those that
+hit bank what they gain, and drafting comes back with the budget.
 """
 
 
@@ -27,11 +32,17 @@ PARKED_PROBE_MAX = 128
 PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
 # What the policy's rounds may lose against plain decoding: EXPLORE_SHARE of the plain steps an
 # answer's tokens are worth, beyond EXPLORE_ALLOWANCE plain steps that let its first rounds try
-# drafting (and cap what winning rounds bank, so that a long good stretch does not pay for a
-# long bad one). Over an answer of N tokens: at most ALLOWANCE + SHARE x N plain steps, and the
-# one round that overdraws; for 300 tokens 3 + 6 steps and a round, about 3-4 % of the answer.
-# The benchmark holds the policy to 0.97x plain: the 2 % leaves room for the rest.
-EXPLORE_SHARE, EXPLORE_ALLOWANCE = 0.02, 3.0
+# drafting. Over an answer of N tokens: at most ALLOWANCE + SHARE x N plain steps, and the one
+# round that overdraws; for 300 tokens 3 + 6 steps and a round, about 3-4 % of the answer. The
+# benchmark holds the policy to 0.97x plain: the 2 % leaves room for the rest. Winning rounds
+# bank what they gain, up to BANKED_MOST plain steps: a few bad rounds in a good answer (a
+# passage the drafter cannot guess) do not park it for the rest, and a long-lived decoder (the
+# server's) does not let hours of winning pay for a long losing stretch.
+EXPLORE_SHARE, EXPLORE_ALLOWANCE, BANKED_MOST = 0.02, 3.0, 32.0
+# Drafting has to promise this much more than plain decoding: where a round of one draft costs
+# about a plain step, an acceptance estimate still held up by its prior (a drafter that never
+# hits reads 0.05-0.1 for a dozen rounds) made every round look a few percent ahead.
+MIN_GAIN = 0.1
 
 
 def expected_tokens(k: int, acceptance: list[float]) -> float:
@@ -50,8 +61,9 @@ class DraftPolicy:
         self.accepted = [0.0] * max_draft
         self.seen = [0.0] * max_draft
         self.parked_rounds = 0
-        self.probe_interval = PARKED_PROBE_START
+        self.probe_interval = PARKED_PROBE_START  # parked rounds before the next probe
         self.probing = False  # the latest choice is a parked policy's probe
+        self.probe_again = False  # the latest probe hit: the next parked round probes too
 
     @property
     def acceptance(self) -> list[float]:
@@ -66,23 +78,35 @@ class DraftPolicy:
 
     def best(self, costs) -> int:
         acceptance = self.acceptance
+        plain = costs.round_seconds(0)
+        # A round verifies two tokens or more: it costs a plain step at least, whatever the
+        # interval of a pipelined round read late (nearly none) says.
         rates = [
-            expected_tokens(k, acceptance) / costs.round_seconds(k)
+            expected_tokens(k, acceptance) / max(plain, costs.round_seconds(k))
             for k in range(self.max_draft + 1)
         ]
-        return max(range(len(rates)), key=rates.__getitem__)
+        k = max(range(len(rates)), key=rates.__getitem__)
+        return k if rates[k] >= rates[0] * (1 + MIN_GAIN) else 0
 
     def choose(self, costs, limit: int) -> int:
         """The draft length for the next round, at most `limit`."""
-        k, self.probing = self.best(costs), False
+        k = self.best(costs)
         if k == 0:
-            self.parked_rounds += 1
-            if self.parked_rounds >= self.probe_interval:
-                k, self.parked_rounds, self.probing = 1, 0, True
-                self.probe_interval = min(2 * self.probe_interval, PARKED_PROBE_MAX)
-        else:
-            self.parked_rounds, self.probe_interval = 0, PARKED_PROBE_START
+            return self.parked(limit)
+        self.probing, self.probe_again = False, False
+        self.parked_rounds, self.probe_interval = 0, PARKED_PROBE_START
         return min(k, limit)
+
+    def parked(self, limit: int, may_probe: bool = True) -> int:
+        """A parked round: a plain step (0), or once the wait is over a probe of one draft;
+        `may_probe`: what a probe could lose is affordable now (a probe waits for it)."""
+        self.probing = False
+        self.parked_rounds += 1
+        due = self.probe_again or self.parked_rounds >= self.probe_interval
+        if not due or not may_probe:
+            return 0
+        self.parked_rounds, self.probing, self.probe_again = 0, True, False
+        return min(1, limit)
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Learn the acceptance of a drafting round. Draft i was tried iff drafts 1..i-1 were
@@ -93,6 +117,10 @@ class DraftPolicy:
             self.seen[i] = self.seen[i] * DECAY + 1.0
             if i >= accepted:
                 break
+        if self.probing and accepted:
+            self.probe_again, self.probe_interval = True, PARKED_PROBE_START
+        elif self.probing:
+            self.probe_interval = min(2 * self.probe_interval, PARKED_PROBE_MAX)
 
 
 class LossBudget:
@@ -100,13 +128,20 @@ class LossBudget:
 
     def __init__(self):
         self.balance = EXPLORE_ALLOWANCE
+        self.lowest = 0.0  # the lowest the balance went (below zero: the round that overdrew)
 
     @property
     def spent(self) -> bool:
         return self.balance < 0
 
+    def affords(self, loss: float) -> bool:
+        """Whether a round that may lose `loss` plain steps keeps the balance above the lowest it
+        went: a spent budget's probes are paid for by what it earned back since."""
+        return self.balance - loss >= self.lowest
+
     def settle(self, tokens: float, lost: float = 0.0) -> None:
         """A round emitted `tokens` per row, each earning EXPLORE_SHARE; `lost`: its time
         beyond the plain steps those tokens would have taken, in plain steps (a gain is
         negative; a plain step loses nothing)."""
-        self.balance = min(EXPLORE_ALLOWANCE, self.balance + EXPLORE_SHARE * tokens - lost)
+        self.balance = min(BANKED_MOST, self.balance + EXPLORE_SHARE * tokens - lost)
+        self.lowest = min(self.lowest, self.balance)
