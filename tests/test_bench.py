@@ -234,7 +234,10 @@ def test_shape_bench_json_holds_every_row_with_sane_figures(tiny_pairs, tmp_path
         assert r["speedup"] == pytest.approx(r["tps"] / plain, rel=0.01)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"], rel=0.01)
         assert r["ideal"] > 0 and r["ideal_expected"] > 0
-        assert 0 <= r["acceptance"] <= 1 and r["tokens_per_forward"] >= 1
+        if r["variant"] == "policy" and r["acceptance"] is None:  # parked the whole run
+            assert r["tokens_per_forward"] == 1
+        else:
+            assert 0 <= r["acceptance"] <= 1 and r["tokens_per_forward"] >= 1
         if r["variant"] == "k1":  # one draft: at most 2 tokens per forward
             assert r["tokens_per_forward"] <= 2
         if r["variant"] != "mlx_vlm" and "mlx_vlm" in variants:
