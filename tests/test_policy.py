@@ -235,6 +235,20 @@ def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
     assert choices.index(1) + 1 == 2 * PARKED_PROBE_START
 
 
+def test_a_probe_in_a_batch_hits_when_any_row_hits_whatever_the_order():
+    costs = measured(1.0, {1: 1.6, 2: 2.0})
+    for rows in ([(1, 1), (1, 0)], [(1, 0), (1, 1)]):
+        policy = DraftPolicy(max_draft=2)
+        for _ in range(30):
+            policy.observe(1, 0)
+        policy.parked_rounds = PARKED_PROBE_START - 1
+        assert policy.choose(costs, limit=2) == 1
+        for drafted, accepted in rows:
+            policy.observe(drafted, accepted)
+        assert policy.choose(costs, limit=2) == 1  # another probe at once
+        assert policy.probe_interval == PARKED_PROBE_START, rows
+
+
 def test_policy_follows_what_rounds_really_cost():
     """Drafting 2 that are always accepted wins at 1.2 s a round (3 tokens against 1 per 1.0 s
     plain step); rounds that really take 3.6 s make it park, and cheap ones unpark it."""

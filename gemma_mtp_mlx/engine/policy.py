@@ -117,9 +117,10 @@ class DraftPolicy:
             self.seen[i] = self.seen[i] * DECAY + 1.0
             if i >= accepted:
                 break
+        # A probe's rows report one by one (a batch): one that hit makes the probe a hit.
         if self.probing and accepted:
             self.probe_again, self.probe_interval = True, PARKED_PROBE_START
-        elif self.probing:
+        elif self.probing and not self.probe_again:
             self.probe_interval = min(2 * self.probe_interval, PARKED_PROBE_MAX)
 
 
