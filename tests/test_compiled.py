@@ -120,3 +120,41 @@ def test_kept_compiled_steps_let_their_models_go(ckpt):
     del pair
     gc.collect()
     assert target() is None and key not in steps_module._COMPILED
+
+
+def test_a_ring_write_is_one_scatter_per_buffer_and_wraps_around():
+    """A compiled step writes each sliding ring with one scatter along its slots: an indexed
+    assignment would build index arrays for every other axis too, a dozen primitives per write
+    in every layer of every step."""
+    from gemma_mtp_mlx.models.traced_cache import RowPositions, TracedRing
+    from gemma_mtp_mlx.tools.bench.host import primitives
+
+    slots, length = 8, 3
+    positions = RowPositions(mx.array([6], dtype=mx.int32), length, window=4, ring_slots=slots,
+                             full_slots=256)
+    ring = TracedRing(mx.zeros((1, 2, slots, 4)), mx.zeros((1, 2, slots, 4)), positions)
+    keys = mx.arange(1, 1 + 2 * length * 4, dtype=mx.float32).reshape(1, 2, length, 4)
+    ring.store(keys, -keys, rope=lambda x, offset: x)
+    counts = primitives([ring.keys, ring.values])
+    assert counts["ScatterAxis"] == 2 and counts["Scatter"] == 0, counts
+    written = [6, 7, 0]  # positions 6, 7, 8 of a ring of 8 slots
+    assert mx.array_equal(ring.keys[:, :, written], keys)
+    assert mx.array_equal(ring.values[:, :, written], -keys)
+    untouched = [1, 2, 3, 4, 5]
+    assert not mx.any(ring.keys[:, :, untouched]).item()
+
+
+def test_one_token_s_heads_are_placed_without_a_transpose():
+    """A decoding step's attention (one token) splits and joins heads with reshapes alone; a
+    block of tokens transposes. Both give the same heads."""
+    from gemma_mtp_mlx.models.gemma4 import heads
+    from gemma_mtp_mlx.tools.bench.host import primitives
+
+    def norm(x):
+        return x * 2
+
+    for length in (1, 3):
+        x = mx.arange(2 * length * 12, dtype=mx.float32).reshape(2, length, 12)
+        h = heads(norm, x, 3, 4)
+        assert (primitives([h])["Transpose"] == 0) == (length == 1)
+        assert mx.array_equal(h, 2 * x.reshape(2, length, 3, 4).transpose(0, 2, 1, 3))

@@ -168,20 +168,30 @@ class Attention(nn.Module):
         the same type reuse. `cache` is one layer cache, a `RowsCache` (independent sequences,
         each at its own position) or None (no cache: positions from 0)."""
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
+        q = heads(self.q_norm, self.q_proj(x), self.n_heads, self.head_dim)
         view = shared_kv
         if self.has_kv:
-            k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+            k = self.k_proj(x)
             # k_eq_v: values are the raw key projection, before k_norm and RoPE (pitfall 3).
-            v = k if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-            k = self.k_norm(k).transpose(0, 2, 1, 3)
-            v = self.v_norm(v).transpose(0, 2, 1, 3)
+            v = k if self.k_eq_v else self.v_proj(x)
+            k = heads(self.k_norm, k, self.n_kv_heads, self.head_dim)
+            v = heads(self.v_norm, v, self.n_kv_heads, self.head_dim)
             if cache is None:
                 view = uncached_view(k, v, self.rope, self.window)
             else:
                 view = cache.store(k, v, self.rope)
         out = view.attend(q, self.rope)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), view
+        out = out.reshape(B, L, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out), view
+
+
+def heads(norm, x: mx.array, n: int, head_dim: int) -> mx.array:
+    """[B, L, n * head_dim] -> normed per head, [B, n, L, head_dim]. One token (a decoding
+    step's usual case) needs no transpose: a reshape puts its heads in place."""
+    B, L, _ = x.shape
+    if L == 1:
+        return norm(x.reshape(B, n, 1, head_dim))
+    return norm(x.reshape(B, L, n, head_dim)).transpose(0, 2, 1, 3)
 
 
 class MLP(nn.Module):
@@ -259,15 +269,16 @@ class Gemma4TextModel(nn.Module):
         h = self.embed_tokens(tokens)
         return h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
 
-    def per_layer_inputs(self, tokens: mx.array, h0: mx.array) -> mx.array:
-        """[B, L, layers, p]: token PLE + projection of the scaled embedding (spec §1.3, pitfall 9)."""
+    def per_layer_inputs(self, tokens: mx.array, h0: mx.array) -> list[mx.array]:
+        """Each layer's [B, L, p]: token PLE + projection of the scaled embedding (spec §1.3,
+        pitfall 9). Split along the last axis, a layer's input is one slice of one array."""
         a = self.args
         n, p = a.num_hidden_layers, a.hidden_size_per_layer_input
         tok = self.embed_tokens_per_layer(tokens)
         tok = (tok * mx.array(math.sqrt(p), dtype=tok.dtype)).reshape(*tokens.shape, n, p)
         ctx = self.per_layer_model_projection(h0) * (a.hidden_size**-0.5)
         ctx = self.per_layer_projection_norm(ctx.reshape(*tokens.shape, n, p))
-        return (ctx + tok) * (2.0**-0.5)
+        return mx.split(((ctx + tok) * (2.0**-0.5)).reshape(*tokens.shape, n * p), n, axis=-1)
 
     def __call__(
         self, tokens: mx.array, cache: list | None = None, embeddings: mx.array | None = None
@@ -282,7 +293,7 @@ class Gemma4TextModel(nn.Module):
         views: list = [None] * len(self.layers)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache and i < len(cache) else None
-            layer_ple = ple[:, :, i, :] if ple is not None else None
+            layer_ple = ple[i] if ple is not None else None
             h, views[i] = layer(h, layer_cache, views[a.kv_source_of(i)], layer_ple)
         return self.norm(h)
 

@@ -31,8 +31,8 @@ class RowPositions:
 
     @cached_property
     def slots(self) -> mx.array:
-        """The ring slot of each new token."""
-        return self.queries % self.ring_slots
+        """The ring slot of each new token, as [1, 1, length, 1] indices along a ring's slots."""
+        return (self.queries % self.ring_slots).reshape(1, 1, -1, 1)
 
     @cached_property
     def ring_mask(self) -> mx.array:
@@ -65,8 +65,10 @@ class TracedRing:
 
     def store(self, keys: mx.array, values: mx.array, rope) -> KVView:
         p = self.positions
-        self.keys[:, :, p.slots, :] = rope(keys, offset=p.offset)
-        self.values[:, :, p.slots, :] = values
+        # One scatter along the slots' axis: indexing assignment would build index arrays for
+        # every other axis too, a dozen primitives per write instead of one.
+        self.keys = mx.put_along_axis(self.keys, p.slots, rope(keys, offset=p.offset), axis=2)
+        self.values = mx.put_along_axis(self.values, p.slots, values, axis=2)
         return KVView(self.keys, self.values, p.ring_mask, p.offset)
 
     def drafter_view(self, visible: int) -> KVView:

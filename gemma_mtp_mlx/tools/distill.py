@@ -177,7 +177,7 @@ def target_forward(target: Model, tokens: mx.array):
     ple = m.per_layer_inputs(tokens, h) if a.hidden_size_per_layer_input else None
     kv: list = [None] * len(m.layers)
     for i, layer in enumerate(m.layers):
-        layer_ple = ple[:, :, i, :] if ple is not None else None
+        layer_ple = ple[i] if ple is not None else None
         h, kv[i] = layer(h, None, kv[a.kv_source_of(i)], layer_ple)
     hidden = m.norm(h)
     sliding = kv[a.store_layer(SLIDING)]
