@@ -158,3 +158,25 @@ def test_one_token_s_heads_are_placed_without_a_transpose():
         h = heads(norm, x, 3, 4)
         assert (primitives([h])["Transpose"] == 0) == (length == 1)
         assert mx.array_equal(h, 2 * x.reshape(2, length, 3, 4).transpose(0, 2, 1, 3))
+
+
+def test_a_shape_traced_costs_no_trace_before_its_next_step(ckpt):
+    """What the policy is told a step would first spend tracing: nothing for a shape traced
+    already, the mean trace so far for one that is not, nothing on the eager path."""
+    from gemma_mtp_mlx.engine.context import Context
+    from gemma_mtp_mlx.engine.sampling import Sampler
+    from gemma_mtp_mlx.engine.speculative import Row
+    from gemma_mtp_mlx.engine.steps import CompiledSteps, EagerSteps
+
+    pair = load(str(ckpt["dense"]), str(ckpt["dense-centroids"]))
+    ctx = Context(pair.target)
+    logits, hidden, _ = ctx.prefill(PROMPT)
+    rows = [Row(ctx, Sampler(), mx.argmax(logits[0, 0]).reshape(1, 1), hidden)]
+    steps = CompiledSteps(pair.target, pair.drafter)
+    assert steps.trace_seconds_before(rows, 3) == 0.0  # nothing traced: nothing known yet
+    mx.eval(steps.speculate(rows, 3).accepted)
+    assert steps.traces == 1 and steps.trace_seconds > 0
+    assert steps.trace_seconds_before(rows, 3) == 0.0
+    assert steps.trace_seconds_before(rows, 2) == steps.trace_seconds
+    assert steps.trace_seconds_before(rows, 0) == steps.trace_seconds
+    assert EagerSteps(pair.target, pair.drafter).trace_seconds_before(rows, 2) == 0.0

@@ -195,6 +195,24 @@ def test_policy_drafts_deep_when_verify_is_cheap_and_drafts_hit():
     assert policy.choose(costs, limit=2) == 2
 
 
+def test_a_draft_length_not_traced_yet_must_win_its_trace_back():
+    """A first answer that tried every draft length traced each (a tenth of a 300-token answer
+    on the development VM). A length not traced yet is charged its trace over the tokens left
+    to win it back: taken where it pays, not for a few percent over a short rest."""
+    costs = measured(1.0, {k: 1.0 + 0.07 * k for k in range(1, 5)})
+    policy = DraftPolicy(max_draft=4)
+    for _ in range(30):
+        policy.observe(4, 4)
+
+    def tracing(seconds):
+        return lambda k: 0.0 if k in (0, 2) else seconds  # plain and K = 2 are traced
+
+    assert policy.choose(costs, limit=300, tracing=tracing(0.0)) == 4
+    assert policy.choose(costs, limit=300, tracing=tracing(5.0)) == 4  # 5 steps over 256 tokens
+    assert policy.choose(costs, limit=12, tracing=tracing(5.0)) == 2  # ... over 12 it does not
+    assert policy.choose(costs, limit=300, tracing=tracing(500.0)) == 2
+
+
 def test_positions_never_reached_look_like_the_deepest_reached():
     """Rounds of 4 drafts that all hit say nothing about a fifth; it is taken to be as likely as
     the fourth, so the policy tries 5 when the costs say a fifth draft is nearly free (and

@@ -295,7 +295,8 @@ class Decoder:
             if self.budget.spent:  # parked; a probe may lose what a round of one draft costs
                 probe_loss = costs.round_seconds(1) / costs.current_plain - 1
                 return policy.parked(room, may_probe=self.budget.affords(probe_loss))
-            return policy.choose(costs, room)
+            rows = [s.row for s in self.streams]
+            return policy.choose(costs, room, lambda k: self.steps.trace_seconds_before(rows, k))
         return min(self.fixed_k, room)
 
     def _room(self, ahead: int) -> int:

@@ -4,7 +4,8 @@ decoding. Both are kept per model pair, across answers.
 
 With a_i the running probability that draft i is accepted once drafts 1..i-1 were, a round of
 K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens in C(K) seconds (costs.py); plain
-decoding emits 1 per pipelined plain step. The policy picks the K with the highest E(K) / C(K).
+decoding emits 1 per pipelined plain step. The policy picks the K with the highest E(K) / C(K),
+a K whose compiled step is not traced yet charged its trace over the tokens it has to pay it back.
 
 While parked, a round now and then drafts once more so that a workload that turns predictable
 unparks. A probe that misses doubles the wait for the next (PARKED_PROBE_START rounds up to
@@ -43,6 +44,10 @@ EXPLORE_SHARE, EXPLORE_ALLOWANCE, BANKED_MOST = 0.02, 3.0, 32.0
 # about a plain step, an acceptance estimate still held up by its prior (a drafter that never
 # hits reads 0.05-0.1 for a dozen rounds) made every round look a few percent ahead.
 MIN_GAIN = 0.1
+# A draft length whose step is not traced yet (compiled steps, engine/steps.py) pays the trace
+# once: it has to win it back within the next TRACE_HORIZON tokens (or the rest of the answer).
+# A first answer that tried every length traced each, a tenth of a 300-token answer here.
+TRACE_HORIZON = 256
 
 
 def expected_tokens(k: int, acceptance: list[float]) -> float:
@@ -76,21 +81,27 @@ class DraftPolicy:
             out.append(prior)
         return out
 
-    def best(self, costs) -> int:
+    def best(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
+        """The K with the most tokens per second; `tracing(k)`: the seconds a step of K would
+        first spend tracing, spread over the tokens it has to win them back in."""
         acceptance = self.acceptance
         plain = costs.round_seconds(0)
-        # A round verifies two tokens or more: it costs a plain step at least, whatever the
-        # interval of a pipelined round read late (nearly none) says.
-        rates = [
-            expected_tokens(k, acceptance) / max(plain, costs.round_seconds(k))
-            for k in range(self.max_draft + 1)
-        ]
+        horizon = max(1, min(limit, TRACE_HORIZON))
+        rates = []
+        for k in range(self.max_draft + 1):
+            emitted = expected_tokens(k, acceptance)
+            # A round verifies two tokens or more: it costs a plain step at least, whatever the
+            # interval of a pipelined round read late (nearly none) says.
+            seconds = max(plain, costs.round_seconds(k))
+            if tracing is not None:
+                seconds += tracing(k) * emitted / horizon
+            rates.append(emitted / seconds)
         k = max(range(len(rates)), key=rates.__getitem__)
         return k if rates[k] >= rates[0] * (1 + MIN_GAIN) else 0
 
-    def choose(self, costs, limit: int) -> int:
-        """The draft length for the next round, at most `limit`."""
-        k = self.best(costs)
+    def choose(self, costs, limit: int, tracing=None) -> int:
+        """The draft length for the next round, at most `limit` (see `best`)."""
+        k = self.best(costs, limit, tracing)
         if k == 0:
             return self.parked(limit)
         self.probing, self.probe_again = False, False

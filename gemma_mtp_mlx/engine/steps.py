@@ -47,6 +47,9 @@ class EagerSteps:
     def __init__(self, target, drafter):
         self.target, self.drafter = target, drafter
 
+    def trace_seconds_before(self, rows: list[Row], k: int) -> float:
+        return 0.0
+
     def speculate(self, rows: list[Row], k: int) -> RoundOutputs:
         tokens, hidden = _stacked(rows)
         caches, samplers = [r.ctx.cache for r in rows], [r.sampler for r in rows]
@@ -95,6 +98,15 @@ class CompiledSteps:
 
         return self._run(("plain",), work, rows, 1, tokens, None)
 
+    def trace_seconds_before(self, rows: list[Row], k: int) -> float:
+        """What the host would spend tracing before a step of `k` drafts (0: a plain step) for
+        `rows` as their buffers stand: nothing once that shape is traced, else the mean of the
+        traces so far (none yet: nothing known, nothing charged)."""
+        kind = ("round", k) if k else ("plain",)
+        if not self.traces or _signature(kind, rows) in self.functions:
+            return 0.0
+        return self.trace_seconds / self.traces
+
     def _run(self, kind: tuple, work, rows: list[Row], length: int, tokens, hidden, offsets=None):
         """`work` over `rows`' caches as one compiled call that writes `length` new positions
         after `offsets` ([B] int32; None: the caches' own, which then advance by `length`; else
@@ -103,11 +115,7 @@ class CompiledSteps:
             for c in r.ctx.cache:
                 c.reserve(c.offset + length, c.keys, c.values)
         samplers = [r.sampler for r in rows]
-        signature = kind + (
-            tuple((type(s), s.settings, s.bias is None) for s in samplers),
-            tuple(_full_slots(r.ctx.cache) for r in rows),
-        )
-        function = self._function(signature, work, samplers, length)
+        function = self._function(_signature(kind, rows), work, samplers, length)
         advance = length if offsets is None else 0
         if offsets is None:
             offsets = mx.array([r.ctx.cache[0].offset for r in rows], dtype=mx.int32)
@@ -161,6 +169,14 @@ class CompiledSteps:
         if len(self.functions) > MAX_FUNCTIONS:
             self.functions.popitem(last=False)
         return function
+
+
+def _signature(kind: tuple, rows: list[Row]) -> tuple:
+    """What a compiled step is traced once for: its kind, the rows' sampling and buffer sizes."""
+    return kind + (
+        tuple((type(r.sampler), r.sampler.settings, r.sampler.bias is None) for r in rows),
+        tuple(_full_slots(r.ctx.cache) for r in rows),
+    )
 
 
 def _full_slots(cache: list) -> int:
