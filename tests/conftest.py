@@ -229,9 +229,11 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch):
-    """The decoder reads this clock instead of the machine's (time passes only as tests say)."""
-    from gemma_mtp_mlx.engine import decode
+    """The decoder reads this clock instead of the machine's (time passes only as tests say);
+    tracing a compiled step takes none of it unless a test says so."""
+    from gemma_mtp_mlx.engine import decode, steps
 
     c = Clock()
     monkeypatch.setattr(decode, "clock", c)
+    monkeypatch.setattr(steps, "clock", lambda: c.now)
     return c

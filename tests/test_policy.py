@@ -598,3 +598,34 @@ def test_an_answer_joining_a_running_decoder_takes_its_recent_measurement(echo_p
     assert costs.plain_ratio(2) and not late.stream.stats.baseline_is_earlier
     assert late.stream.stats.baseline_tokens_per_second == pytest.approx(1 / costs.current_plain, rel=0.1)
     decoder.close()
+
+
+def test_a_round_s_trace_is_time_plain_decoding_would_have_decoded_through(ckpt, clock, monkeypatch):
+    """A context that grows into a larger full-attention buffer traces its round again; plain
+    decoding traces no round, so the meter counts that trace as plain steps it would have
+    taken: the baseline stays plain's speed (uncredited, here it read a sixth low)."""
+    from gemma_mtp_mlx import load
+    from gemma_mtp_mlx.engine.steps import CompiledSteps, steps_for
+
+    pair = load(str(ckpt["dense"]), str(ckpt["dense-centroids"]))  # a fixed K drafts on, hit or not
+    function = CompiledSteps._function
+
+    def slow_to_trace_a_round(steps, signature, *args):
+        if signature in steps.functions or signature[0] != "round":
+            return function(steps, signature, *args)
+        compiled = function(steps, signature, *args)
+
+        def first_call(*inputs):
+            clock.now += 0.5
+            return compiled(*inputs)
+
+        return first_call
+
+    monkeypatch.setattr(CompiledSteps, "_function", slow_to_trace_a_round)
+    read(clock, generate(pair, PROMPT, max_tokens=50, ignore_eos=True, draft_tokens=3), 0.05)
+    steps = steps_for(pair.target, pair.drafter, True)
+    traced = steps.traces
+    long_prompt = [2] + [40 + i % 300 for i in range(229)]  # the answer crosses slot 256
+    chunks = read(clock, generate(pair, long_prompt, max_tokens=60, ignore_eos=True, draft_tokens=3), 0.05)
+    assert steps.traces > traced and any(s[:2] == ("round", 3) and s[-1] == (512,) for s in steps.functions)
+    assert chunks[-1].stats.baseline_tokens_per_second == pytest.approx(20, rel=0.05)

@@ -219,7 +219,7 @@ class Decoder:
         """A speculative round for every running answer; compiled steps read the round in
         flight and queue the next of `k` drafts first (0: none, the pipeline ends)."""
         by_row = {s.row: s for s in self.streams}
-        traces = self.steps.traces
+        traces, traced_seconds = self.steps.traces, self.steps.trace_seconds
         if isinstance(self.steps, CompiledSteps):
             if self.rounds is None or self.rounds.inflight is None:
                 self.rounds = RoundPipeline([s.row for s in self.streams], self.steps, k)
@@ -259,6 +259,10 @@ class Decoder:
             self.budget.settle(tokens, (end - self.last_end) / plain - tokens)
         ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
         worth = 1 / ratio if ratio else 0.0
+        if worth and traced and plain is not None:
+            # Plain decoding traces its own steps, never a round's: it would have decoded
+            # through the time this round's graph took to trace.
+            worth += (self.steps.trace_seconds - traced_seconds) / plain
         rounds = [
             (s, r.tokens, RoundStats(k, r.accepted, plain_steps=worth))
             for s, r in zip(streams, results)
