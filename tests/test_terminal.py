@@ -76,7 +76,7 @@ def test_chat_in_a_terminal(app_in_tmux):
     # The tiny pair's random drafter never hits: the policy parks and the meter says why, once.
     assert PARKED_WHY in flat(text)
     tmux("send-keys", "-t", SESSION, "Once more", "Enter")
-    text = wait_for(lambda s: len(METER.findall(s)) == 2 and s.rstrip().endswith("›"))
+    text = wait_for(lambda s: len(METER.findall(flat(s))) == 2 and s.rstrip().endswith("›"))
     assert flat(text).count(PARKED_WHY) == 1 and "drafting parked" in flat(text)
     tmux("send-keys", "-t", SESSION, "/verify", "Enter")
     wait_for(lambda s: "identical" in s)
