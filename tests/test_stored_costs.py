@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from gemma_mtp_mlx import generate, load
 from gemma_mtp_mlx.cli import app
 from gemma_mtp_mlx.engine import stored_costs
-from gemma_mtp_mlx.engine.costs import Measurements, measurements_for
+from gemma_mtp_mlx.engine.costs import POOL, Measurements, measurements_for
 from gemma_mtp_mlx.engine.stored_costs import CostStore, costs_path, read_entries
 from gemma_mtp_mlx.tools import doctor
 from tests.test_chat import build_tiny
@@ -78,6 +78,23 @@ def test_a_second_load_starts_where_the_first_answer_stopped(tiny, clock, notes)
     assert not chunks[-1].stats.baseline_is_earlier
     # A carried plain step pairs with no round of this process: the ratios are as stored.
     assert len(costs.ratios[2]) == len(learned.rows(1).ratios[2])
+
+
+def test_a_ratio_resting_on_fewer_measurements_than_the_pool_is_measured_again(tiny, clock):
+    """A ratio stored from one measurement is one process's moment: each later process that
+    drafts that K measures its plain step once, after its first rounds, until the pool holds
+    POOL measurements; from then on only the drift rule measures (here none: the clock runs
+    alike for all)."""
+    def answer(max_tokens: int) -> tuple[bool, int]:
+        pair = load(str(tiny))
+        measured = False
+        for chunk in generate(pair, PROMPT, max_tokens=max_tokens, ignore_eos=True, draft_tokens=2):
+            measured |= bool(chunk.round and chunk.round.measuring)
+            clock.now += 0.01
+        return measured, len(measurements_for(pair.target, pair.drafter, pair.compile).rows(1).ratios[2])
+
+    assert answer(60) == (True, 1)  # a first process measures until it trusts its plain step
+    assert [answer(200) for _ in range(POOL)] == [(True, 2), (True, 3), (False, 3)]
 
 
 def opened(pair, notes) -> tuple[Measurements, list[str]]:

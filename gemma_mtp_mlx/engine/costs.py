@@ -35,7 +35,9 @@ What a pair has learned outlives the process (engine/stored_costs.py): a fresh p
 from the plain step, the pooled ratios, the round costs and what rounds cost just after that plain
 step (`settled`), as the last one left them (`carried`). Its warm rounds are held against those,
 so the drift rule measures again where this process differs; a carried plain step goes into no
-ratio with this process's rounds.
+ratio with this process's rounds. A ratio resting on fewer than POOL measurements is measured
+once more by each process that drafts its K, until it rests on POOL: one process's unlucky
+moment must not count the rounds of every process after it.
 
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
@@ -154,9 +156,14 @@ class RowCosts:
 
     @property
     def stale(self) -> bool:
-        """No plain step measured yet, only a provisional one, or rounds no longer cost what they
-        did just after it."""
+        """No plain step measured yet, only a provisional one, rounds that no longer cost what
+        they did just after it, or a carried plain step where this process runs a K whose ratio
+        rests on fewer than POOL measurements: one unlucky measurement in an earlier process
+        would otherwise count every later process's rounds, the drift rule watching the rounds
+        alone."""
         if self.plain is None or self.provisional:
+            return True
+        if self.carried and any(len(self.ratios.get(k, ())) < POOL for k in self.since_plain):
             return True
         return any(
             abs(self.since_plain[k] / then - 1) > DRIFT
