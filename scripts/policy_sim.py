@@ -1,16 +1,20 @@
 """The draft policy against fixed draft lengths, on a clock that only this script moves.
 
-    .venv/bin/python scripts/policy_sim.py [--per-draft 0.37] [--tokens 300]
+    .venv/bin/python scripts/policy_sim.py [--per-draft 0.37] [--trace 3] [--tokens 300]
 
 On a busy machine the same answer twice differs by more than the policy's shortfall, so the pair
 bench cannot tell a better policy from a luckier run. Here the engine decodes for real (the
 demo pair, compiled steps, the real decoder with its baseline measurements, loss budget and
 probes), but time passes only as this script says: a plain step costs STEP, a round of K drafts
-STEP x (1 + ROUND_FIXED + per_draft x K), the reader READ per chunk. Drafts hit where the demo
+STEP x (1 + ROUND_FIXED + per_draft x K), tracing a compiled step's graph (its first call of a
+shape: a fresh process's, or a context outgrowing its buffer) `trace` plain steps, the reader
+READ per chunk. Drafts hit where the demo
 drafter's did: each workload of the pair bench is decoded once at K = 6 and the accepted
 positions kept (the simulated drafter of the bench then proposes the target's token exactly
-there). The default per-draft cost is the demo pair's own on the 2-core VM (its plain/round
-ratios: a round of K costs about 1 + 0.37 K plain steps).
+there). The default costs are the demo pair's own on the 2-core VM (its plain/round ratios: a
+round of K costs about 1 + 0.37 K plain steps; a trace 15-20 ms, about three plain steps). Each
+fixed K and the policy's first answer decode with a drafter of their own, so each traces its
+steps as a fresh process would.
 
 Printed per workload: tokens per simulated second of plain decoding and each fixed K, and of
 the policy three times in a row in one process, its first answer with nothing learned ("fresh")
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gemma_mtp_mlx import generate, load  # noqa: E402
 from gemma_mtp_mlx.engine import decode, stored_costs  # noqa: E402
+from gemma_mtp_mlx.engine import steps as steps_module  # noqa: E402
 from gemma_mtp_mlx.engine.plain import PlainSteps  # noqa: E402
 from gemma_mtp_mlx.engine.rounds import RoundPipeline  # noqa: E402
 from gemma_mtp_mlx.engine.steps import CompiledSteps  # noqa: E402
@@ -50,8 +55,9 @@ class Clock:
         return self.now
 
 
-def simulate_time(clock: Clock, per_draft: float) -> None:
+def simulate_time(clock: Clock, per_draft: float, trace: float) -> None:
     real_plain, real_round, real_step = PlainSteps.step, decode.run_round, RoundPipeline.step
+    real_function = CompiledSteps._function
 
     def plain_step(steps):
         out = real_plain(steps)
@@ -68,10 +74,22 @@ def simulate_time(clock: Clock, per_draft: float) -> None:
         clock.now += STEP * (1 + ROUND_FIXED + per_draft * k)
         return k, results
 
+    def function(steps, signature, *args):
+        compiled = real_function(steps, signature, *args)
+
+        def call(*inputs):
+            traces = steps.traces
+            out = compiled(*inputs)
+            if steps.traces != traces:
+                clock.now += STEP * trace
+            return out
+
+        return call
+
     decode.clock = clock
+    steps_module.clock = lambda: clock.now  # (reading it costs nothing: the trace is added above)
     PlainSteps.step, decode.run_round, RoundPipeline.step = plain_step, run_round, pipeline_step
-    # Tracing a step's graph takes none of this clock's time, so the policy is charged none.
-    CompiledSteps.trace_seconds_before = lambda steps, rows, k: 0.0
+    CompiledSteps._function = function
     # Every answer starts from what this process learned, never from a file of earlier runs.
     stored_costs.CostStore.open = classmethod(lambda cls, *args, **kwargs: None)
 
@@ -114,11 +132,12 @@ def answer_speed(clock: Clock, pair, prompt: list[int], n: int, k: int | None, m
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-draft", type=float, default=0.37)
+    parser.add_argument("--trace", type=float, default=3.0, help="plain steps a trace takes")
     parser.add_argument("--tokens", type=int, default=300)
     args = parser.parse_args()
     pair = load("demo")
     clock = Clock()
-    simulate_time(clock, args.per_draft)  # first: where the recording measures its baseline too
+    simulate_time(clock, args.per_draft, args.trace)  # first: where the recording measures its baseline too
     recorded = {
         w.name: (w.prompt, *hits_of(pair, w.prompt, args.tokens))
         for w in workloads(pair, args.tokens)

@@ -229,6 +229,37 @@ def test_positions_never_reached_look_like_the_deepest_reached():
     assert policy.acceptance[4] < 0.1 and policy.best(costs) == 4
 
 
+def test_the_policy_tries_one_draft_beyond_the_longest_round_measured():
+    """Past the rounds measured a cost is a guess along a prior slope; a first answer that
+    jumped on it (2, then 4, then 6 drafts on the demo pair) paid a trace and losing rounds at
+    every length. A drafter that always hits climbs one draft at a time as rounds are timed."""
+    policy = DraftPolicy(max_draft=6)
+    for _ in range(30):
+        policy.observe(6, 6)
+    costs = measured(1.0, {1: 1.05, 2: 1.1})
+    assert policy.best(costs) == 3
+    costs.rounds[3] = 1.15
+    assert policy.best(costs) == 4
+    costs.rounds.update({4: 1.2, 5: 1.25})
+    assert policy.best(costs) == 6
+
+
+def test_a_parked_policy_probes_the_draft_length_that_would_pay_best():
+    """Where a drafter step costs most of a plain step, a round of one draft loses even when it
+    hits: probes of one draft never lifted the estimates to where deeper rounds pay. A probe
+    drafts the length the estimates favour among those that draft."""
+    costs = measured(1.0, {1: 1.7, 2: 2.1, 3: 2.5})
+    policy = DraftPolicy(max_draft=3)
+    for _ in range(30):  # half the rounds miss the first draft, the others hit all three
+        policy.observe(3, 3)
+        policy.observe(3, 0)
+    # 1.5, 2.0 and 2.5 tokens in 1.7, 2.1 and 2.5 plain steps: no round wins 10 %, 3 is best
+    assert policy.best(costs) == 0 and policy.probe_length(costs) == 3
+    choices = [policy.choose(costs, limit=10) for _ in range(PARKED_PROBE_START)]
+    assert choices == [0] * (PARKED_PROBE_START - 1) + [3]
+    assert policy.parked(2, probe=3) == 0 and policy.probe_length(costs, limit=2) == 2
+
+
 def test_policy_parks_when_drafts_miss_and_probes_now_and_then():
     costs = measured(1.0, {1: 1.6, 2: 2.0})
     policy = DraftPolicy(max_draft=2)

@@ -296,11 +296,13 @@ class Decoder:
             return 0
         if self.fixed_k is None:
             policy = self.measurements.policy
-            if self.budget.spent:  # parked; a probe may lose what a round of one draft costs
-                probe_loss = costs.round_seconds(1) / costs.current_plain - 1
-                return policy.parked(room, may_probe=self.budget.affords(probe_loss))
             rows = [s.row for s in self.streams]
-            return policy.choose(costs, room, lambda k: self.steps.trace_seconds_before(rows, k))
+            tracing = lambda k: self.steps.trace_seconds_before(rows, k)  # noqa: E731
+            if self.budget.spent:  # parked; a probe that misses loses its round but a token
+                probe = policy.probe_length(costs, room, tracing)
+                probe_loss = costs.round_seconds(probe) / costs.current_plain - 1
+                return policy.parked(room, may_probe=self.budget.affords(probe_loss), probe=probe)
+            return policy.choose(costs, room, tracing)
         return min(self.fixed_k, room)
 
     def _room(self, ahead: int) -> int:

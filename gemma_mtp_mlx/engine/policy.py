@@ -6,9 +6,10 @@ With a_i the running probability that draft i is accepted once drafts 1..i-1 wer
 K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens in C(K) seconds (costs.py); plain
 decoding emits 1 per pipelined plain step. The policy picks the K with the highest E(K) / C(K),
 a K whose compiled step is not traced yet charged its trace over the tokens it has to pay it back.
+K goes at most one draft past the longest round measured: further out its cost is a guess.
 
-While parked, a round now and then drafts once more so that a workload that turns predictable
-unparks. A probe that misses doubles the wait for the next (PARKED_PROBE_START rounds up to
+While parked, a round now and then drafts again (the length the estimates favour) so that a
+workload that turns predictable unparks. A probe that misses doubles the wait for the next (PARKED_PROBE_START rounds up to
 PARKED_PROBE_MAX), so a drafter that never hits costs next to nothing; a probe that hits is
 followed by another at once and the wait starts over: hits pay their own way and lift the
 acceptance estimate until drafting wins again, where probes spaced out by a wait that doubled
@@ -81,14 +82,16 @@ class DraftPolicy:
             out.append(prior)
         return out
 
-    def best(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
-        """The K with the most tokens per second; `tracing(k)`: the seconds a step of K would
-        first spend tracing, spread over the tokens it has to win them back in."""
+    def rates(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> list[float]:
+        """Tokens per second of a round of each K (0: a plain step); `tracing(k)`: the seconds a
+        step of K would first spend tracing, spread over the tokens it has to win them back in."""
         acceptance = self.acceptance
         plain = costs.round_seconds(0)
         horizon = max(1, min(limit, TRACE_HORIZON))
         rates = []
-        for k in range(self.max_draft + 1):
+        # One draft beyond the longest round measured: further out the cost is a guess along a
+        # prior slope, and each length tried pays its trace and its rounds.
+        for k in range(min(self.max_draft, max(costs.rounds, default=1) + 1) + 1):
             emitted = expected_tokens(k, acceptance)
             # A round verifies two tokens or more: it costs a plain step at least, whatever the
             # interval of a pipelined round read late (nearly none) says.
@@ -96,20 +99,32 @@ class DraftPolicy:
             if tracing is not None:
                 seconds += tracing(k) * emitted / horizon
             rates.append(emitted / seconds)
+        return rates
+
+    def best(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
+        """The K with the most tokens per second, 0 unless drafting promises MIN_GAIN more."""
+        rates = self.rates(costs, limit, tracing)
         k = max(range(len(rates)), key=rates.__getitem__)
         return k if rates[k] >= rates[0] * (1 + MIN_GAIN) else 0
+
+    def probe_length(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
+        """The drafts a parked policy's probe tries: the drafting K with the most tokens per
+        second. Where a drafter step costs much of a plain step, only deep rounds pay: probes of
+        one draft that hit then never made drafting look worth it, and kept it parked."""
+        rates = self.rates(costs, limit, tracing)
+        return min(max(range(1, len(rates)), key=rates.__getitem__), limit)
 
     def choose(self, costs, limit: int, tracing=None) -> int:
         """The draft length for the next round, at most `limit` (see `best`)."""
         k = self.best(costs, limit, tracing)
         if k == 0:
-            return self.parked(limit)
+            return self.parked(limit, probe=self.probe_length(costs, limit, tracing))
         self.probing, self.probe_again = False, False
         self.parked_rounds, self.probe_interval = 0, PARKED_PROBE_START
         return min(k, limit)
 
-    def parked(self, limit: int, may_probe: bool = True) -> int:
-        """A parked round: a plain step (0), or once the wait is over a probe of one draft;
+    def parked(self, limit: int, may_probe: bool = True, probe: int = 1) -> int:
+        """A parked round: a plain step (0), or once the wait is over a probe of `probe` drafts;
         `may_probe`: what a probe could lose is affordable now (a probe waits for it)."""
         self.probing = False
         self.parked_rounds += 1
@@ -117,7 +132,7 @@ class DraftPolicy:
         if not due or not may_probe:
             return 0
         self.parked_rounds, self.probing, self.probe_again = 0, True, False
-        return min(1, limit)
+        return min(probe, limit)
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Learn the acceptance of a drafting round. Draft i was tried iff drafts 1..i-1 were
