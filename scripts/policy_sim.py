@@ -8,10 +8,9 @@ demo pair, compiled steps, the real decoder with its baseline measurements, loss
 probes), but time passes only as this script says: a plain step costs STEP, a round of K drafts
 STEP x (1 + ROUND_FIXED + per_draft x K), tracing a compiled step's graph (its first call of a
 shape: a fresh process's, or a context outgrowing its buffer) `trace` plain steps, the reader
-READ per chunk. Drafts hit where the demo
-drafter's did: each workload of the pair bench is decoded once at K = 6 and the accepted
-positions kept (the simulated drafter of the bench then proposes the target's token exactly
-there). The default costs are the demo pair's own on the 2-core VM (its plain/round ratios: a
+READ per chunk. Drafts hit where the demo drafter's did: each workload of the pair bench is
+decoded once at K = 6 and the accepted positions kept (the simulated drafter of the bench then
+proposes the target's token exactly there). The default costs are the demo pair's own on the 2-core VM (its plain/round ratios: a
 round of K costs about 1 + 0.37 K plain steps; a trace 15-20 ms, about three plain steps). Each
 fixed K and the policy's first answer decode with a drafter of their own, so each traces its
 steps as a fresh process would.
@@ -137,7 +136,8 @@ def main() -> None:
     args = parser.parse_args()
     pair = load("demo")
     clock = Clock()
-    simulate_time(clock, args.per_draft, args.trace)  # first: where the recording measures its baseline too
+    # First: the recording measures its baseline on this clock too.
+    simulate_time(clock, args.per_draft, args.trace)
     recorded = {
         w.name: (w.prompt, *hits_of(pair, w.prompt, args.tokens))
         for w in workloads(pair, args.tokens)

@@ -297,8 +297,11 @@ class Decoder:
         if self.fixed_k is None:
             policy = self.measurements.policy
             rows = [s.row for s in self.streams]
-            tracing = lambda k: self.steps.trace_seconds_before(rows, k)  # noqa: E731
-            if self.budget.spent:  # parked; a probe that misses loses its round but a token
+
+            def tracing(k: int) -> float:
+                return self.steps.trace_seconds_before(rows, k)
+
+            if self.budget.spent:  # parked; a probe that misses costs its round less one token
                 probe = policy.probe_length(costs, room, tracing)
                 probe_loss = costs.round_seconds(probe) / costs.current_plain - 1
                 return policy.parked(room, may_probe=self.budget.affords(probe_loss), probe=probe)

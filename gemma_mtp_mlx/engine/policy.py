@@ -9,11 +9,11 @@ a K whose compiled step is not traced yet charged its trace over the tokens it h
 K goes at most one draft past the longest round measured: further out its cost is a guess.
 
 While parked, a round now and then drafts again (the length the estimates favour) so that a
-workload that turns predictable unparks. A probe that misses doubles the wait for the next (PARKED_PROBE_START rounds up to
-PARKED_PROBE_MAX), so a drafter that never hits costs next to nothing; a probe that hits is
-followed by another at once and the wait starts over: hits pay their own way and lift the
-acceptance estimate until drafting wins again, where probes spaced out by a wait that doubled
-at every probe took most of an answer to unpark.
+workload that turns predictable unparks. A probe that misses doubles the wait for the next
+(PARKED_PROBE_START rounds up to PARKED_PROBE_MAX), so a drafter that never hits costs next to
+nothing; a probe that hits is followed by another at once and the wait starts over: hits pay
+their own way and lift the acceptance estimate until drafting wins again, where probes spaced
+out by a wait that doubled at every probe took most of an answer to unpark.
 
 What drafting may lose is bounded (`LossBudget`): a pair with no history (a fresh process, no
 stored costs) starts from priors and has to try draft lengths to learn what they cost and how
