@@ -59,7 +59,7 @@ def test_a_row_leaving_while_a_round_is_in_flight_hands_over_to_costs_not_measur
     every token its own run's."""
     from gemma_mtp_mlx.engine.costs import measurements_for
     from gemma_mtp_mlx.engine.plain import PlainSteps
-    from gemma_mtp_mlx.engine.policy import DraftPolicy
+    from gemma_mtp_mlx.engine.policy import DraftPolicy, LossBudget
 
     step = PlainSteps.step
 
@@ -72,6 +72,7 @@ def test_a_row_leaving_while_a_round_is_in_flight_hands_over_to_costs_not_measur
     measurements = measurements_for(pair.target, pair.drafter, True)
     monkeypatch.setattr(measurements, "by_rows", {})
     monkeypatch.setattr(measurements, "policy", DraftPolicy())
+    monkeypatch.setattr(measurements, "budget", LossBudget())
     for _ in range(100):
         measurements.policy.observe(4, 4)
     limits = [first, 60]

@@ -11,7 +11,13 @@ import pytest
 from gemma_mtp_mlx import generate
 from gemma_mtp_mlx.engine.costs import DRIFT, POOL, SETTLE, RowCosts, measurements_for
 from gemma_mtp_mlx.engine.decode import BASELINE_AFTER, BASELINE_EVERY, BASELINE_STEPS
-from gemma_mtp_mlx.engine.policy import PARKED_PROBE_START, DraftPolicy, expected_tokens
+from gemma_mtp_mlx.engine.policy import (
+    EXPLORE_ALLOWANCE,
+    PARKED_PROBE_START,
+    DraftPolicy,
+    LossBudget,
+    expected_tokens,
+)
 from gemma_mtp_mlx.tools.bench.simulated import Proposals, SimulatedDrafter
 
 PROMPT = [2, 40, 77, 301, 12]
@@ -506,7 +512,7 @@ def test_a_cold_start_is_measured_until_two_measurements_agree(echo_pairs, clock
     monkeypatch.setattr(PlainSteps, "step", cold_step)
     m = measurements_for(pair.target, pair.drafter, pair.compile)
     m.by_rows.clear()
-    m.policy = DraftPolicy()
+    m.policy, m.budget = DraftPolicy(), LossBudget()
     chunks = read(clock, generate(pair, PROMPT, max_tokens=40, ignore_eos=True), 0.01)
     rounds = [c.round for c in chunks[1:]]
     measured = next(i for i, r in enumerate(rounds) if not r.measuring)
@@ -533,7 +539,7 @@ def test_what_exploring_loses_against_plain_decoding_is_bounded(pairs, clock, ro
     pair = pairs[("dense", False)]
     m = measurements_for(pair.target, pair.drafter, pair.compile)
     m.by_rows.clear()
-    m.policy = DraftPolicy()
+    m.policy, m.budget = DraftPolicy(), LossBudget()
     step = 0.011  # the reader's 0.01 s per chunk and a tick of the clock: a plain step
     dearest = 7  # plain steps of the dearest round this policy runs (K = 2)
     round_cost(lambda k: step * (4 + k))
@@ -550,7 +556,7 @@ def test_the_budget_never_parks_drafting_that_wins(echo_pairs, clock):
     pair = echo_pairs[("dense", False)]
     m = measurements_for(pair.target, pair.drafter, pair.compile)
     m.by_rows.clear()
-    m.policy = DraftPolicy()
+    m.policy, m.budget = DraftPolicy(), LossBudget()
     chunks = read(clock, generate(pair, PROMPT, max_tokens=120, ignore_eos=True), 0.01)
     rounds = [c.round for c in chunks[1:]]
     first = next(i for i, r in enumerate(rounds) if r.drafted)
@@ -580,6 +586,33 @@ def test_a_stretch_the_drafter_misses_does_not_park_a_good_answer_for_the_rest(p
             parked_after.append(position)
         position += len(c.token_ids)
     assert any(c.round.drafted for c in chunks[1:]) and not parked_after, parked_after
+
+
+def test_an_answer_that_opens_with_misses_drafts_on_what_earlier_answers_banked(pairs, clock, round_cost):
+    """The loss budget is the pair's, not an answer's: an answer whose first drafts miss spends
+    what the answer before it banked and drafts on. With a budget of its own (3 plain steps) its
+    first missed rounds spent it, and the policy stayed parked until the answer had earned back
+    a probe (some 45 tokens), here the rest of it. (The second answer continues the first's
+    text, so one drafter, hitting by position, serves both.)"""
+    pair = pairs[("dense", False)]
+    n = 60
+    first = [t for c in generate(pair, PROMPT, max_tokens=n, ignore_eos=True, mtp=False) for t in c.token_ids]
+    follow_up = PROMPT + first
+    second = [t for c in generate(pair, follow_up, max_tokens=n, ignore_eos=True, mtp=False) for t in c.token_ids]
+    hits = np.ones(len(follow_up) + n, dtype=bool)
+    hits[len(follow_up) : len(follow_up) + 8] = False  # the second answer's first eight positions
+    proposals = Proposals(follow_up + second, 1.0, pair.target.args.vocab_size, hits=hits)
+    drafter = SimulatedDrafter(pair.drafter, proposals)
+    simulated = dataclasses.replace(pair, drafter=drafter)
+    round_cost(lambda k: 0.011 * 0.3 * k)
+    read(clock, generate(simulated, PROMPT, max_tokens=n, ignore_eos=True), 0.01)
+    budget = measurements_for(simulated.target, drafter, simulated.compile).budget
+    assert budget.balance > 2 * EXPLORE_ALLOWANCE  # its rounds won
+    chunks = read(clock, generate(simulated, follow_up, max_tokens=n, ignore_eos=True), 0.01)
+    assert [t for c in chunks for t in c.token_ids] == second
+    rounds = [c.round for c in chunks[1:] if not c.round.measuring]
+    assert rounds[0].drafted and not rounds[0].accepted  # it opened drafting, and missed
+    assert all(r.drafted for r in rounds[:-4]), [r.drafted for r in rounds]
 
 
 def test_policy_rounds_are_lossless(echo_pairs):

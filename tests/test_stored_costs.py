@@ -18,6 +18,7 @@ from gemma_mtp_mlx import generate, load
 from gemma_mtp_mlx.cli import app
 from gemma_mtp_mlx.engine import stored_costs
 from gemma_mtp_mlx.engine.costs import POOL, Measurements, measurements_for
+from gemma_mtp_mlx.engine.policy import BANKED_MOST, EXPLORE_ALLOWANCE
 from gemma_mtp_mlx.engine.stored_costs import CostStore, costs_path, read_entries
 from gemma_mtp_mlx.tools import doctor
 from tests.test_chat import build_tiny
@@ -109,6 +110,7 @@ def write_entry(pair, change) -> None:
     store = CostStore.open(pair, m, compile=False)
     m.rows(1).plain, m.rows(1).rounds = 0.01, {2: 0.015}
     m.rows(1).ratios[2] = deque([0.7])
+    m.budget.balance, m.budget.lowest = 12.5, -1.0
     store.save(m)
     doc = json.loads(costs_path().read_text())
     change(doc)
@@ -127,6 +129,14 @@ def test_stored_costs_round_trip_through_the_file(pair, notes):
     c = m.rows(1)
     assert (c.plain, c.rounds, list(c.ratios[2]), c.carried) == (0.01, {2: 0.015}, [0.7], True)
     assert c.current_plain == pytest.approx(0.7 * 0.015) and c.trusted
+    assert (m.budget.balance, m.budget.lowest) == (12.5, -1.0)
+
+
+def test_a_file_from_before_the_budget_was_stored_starts_the_budget_afresh(pair, notes):
+    write_entry(pair, lambda doc: doc["entries"][0]["policy"].pop("budget"))
+    m, said = opened(pair, notes)
+    assert said[-1].startswith("costs: starting from") and m.rows(1).plain == 0.01
+    assert (m.budget.balance, m.budget.lowest) == (EXPLORE_ALLOWANCE, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -160,12 +170,16 @@ def test_a_damaged_or_foreign_file_is_ignored_and_replaced(pair, notes, content,
         lambda e: e["policy"].update(seen=[1.0]),
         lambda e: e["policy"].update(accepted=[9.0] * 6),
         lambda e: e.pop("rows"),
+        lambda e: e["policy"]["budget"].update(balance=BANKED_MOST + 1),
+        lambda e: e["policy"]["budget"].update(lowest=0.5),
+        lambda e: e["policy"]["budget"].update(balance="plenty"),
     ],
 )
 def test_a_damaged_entry_is_ignored(pair, notes, edit):
     write_entry(pair, lambda doc: edit(doc["entries"][0]))
     m, said = opened(pair, notes)
     assert not m.by_rows and m.policy.seen == [0.0] * m.policy.max_draft
+    assert m.budget.balance == EXPLORE_ALLOWANCE
     assert said[-1] == f"costs: ignoring {costs_path()}: this pair's entry is damaged"
 
 

@@ -49,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
 
-from .policy import DraftPolicy
+from .policy import DraftPolicy, LossBudget
 
 DECAY = 0.8  # weight of the past in each running average
 # Before any drafting round has run, a round of K drafts is taken to cost a plain step and a
@@ -220,13 +220,17 @@ class RowCosts:
 
 
 class Measurements:
-    """Costs by number of rows and the draft policy (its acceptance estimates) for one
-    (target, drafter) pair, kept for as long as both live, so that every answer of a chat,
-    every batch and every request to the server starts from what earlier ones learned."""
+    """Costs by number of rows, the draft policy (its acceptance estimates) and what its rounds
+    may still lose (`LossBudget`) for one (target, drafter) pair, kept for as long as both live,
+    so that every answer of a chat, every batch and every request to the server starts from what
+    earlier ones learned: an answer that opens with a few missed rounds spends what earlier
+    answers banked, where a budget of its own was spent by them and parked it for a hundred
+    tokens."""
 
     def __init__(self):
         self.by_rows: dict[int, RowCosts] = {}
         self.policy = DraftPolicy()
+        self.budget = LossBudget()
         self.store = None  # where they persist (engine/stored_costs.py): set by the first Decoder
 
     def rows(self, b: int) -> RowCosts:

@@ -41,7 +41,7 @@ from ..models.rollback import max_draft_tokens
 from .context import Context
 from .costs import RowCosts, measurements_for
 from .plain import PlainSteps
-from .policy import POLICY_MAX_DRAFT, LossBudget
+from .policy import POLICY_MAX_DRAFT
 from .rounds import RoundPipeline
 from .sampling import Sampler
 from .speculative import Row, run_round
@@ -110,7 +110,6 @@ class Decoder:
         self.measurements = measurements_for(self.target, self.drafter, self.compile)
         if self.drafter is not None and self.measurements.store is None:
             self.measurements.store = CostStore.open(pair, self.measurements, self.compile)
-        self.budget = LossBudget()
         self.unsaved = False  # rounds run since the pair's costs were last written
         self.streams: list[Stream] = []
         self.plain: PlainSteps | None = None
@@ -256,7 +255,7 @@ class Decoder:
         # row may have none measured yet (its first steps measure it).
         if self.fixed_k is None and not traced and plain is not None:
             tokens = sum(len(r.tokens) for r in results) / len(results)
-            self.budget.settle(tokens, (end - self.last_end) / plain - tokens)
+            self.measurements.budget.settle(tokens, (end - self.last_end) / plain - tokens)
         ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
         worth = 1 / ratio if ratio else 0.0
         if worth and traced and plain is not None:
@@ -301,10 +300,11 @@ class Decoder:
             def tracing(k: int) -> float:
                 return self.steps.trace_seconds_before(rows, k)
 
-            if self.budget.spent:  # parked; a probe that misses costs its round less one token
+            budget = self.measurements.budget
+            if budget.spent:  # parked; a probe that misses costs its round less one token
                 probe = policy.probe_length(costs, room, tracing)
                 probe_loss = costs.round_seconds(probe) / costs.current_plain - 1
-                return policy.parked(room, may_probe=self.budget.affords(probe_loss), probe=probe)
+                return policy.parked(room, may_probe=budget.affords(probe_loss), probe=probe)
             return policy.choose(costs, room, tracing)
         return min(self.fixed_k, room)
 
@@ -326,7 +326,7 @@ class Decoder:
         if self.measuring and not self.baseline_left:
             costs.end_measurement()
         if self.drafter is not None and self.fixed_k is None:
-            self.budget.settle(1.0)
+            self.measurements.budget.settle(1.0)
         # Steps taken before the pair trusts its plain step (a cold start's) are no sample.
         trusted = steady and costs.trusted
         step = RoundStats(0, plain_steps=float(trusted), measuring=self.measuring)

@@ -34,8 +34,9 @@ PARKED_PROBE_MAX = 128
 PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
 # What the policy's rounds may lose against plain decoding: EXPLORE_SHARE of the plain steps an
 # answer's tokens are worth, beyond EXPLORE_ALLOWANCE plain steps that let its first rounds try
-# drafting. Over an answer of N tokens: at most ALLOWANCE + SHARE x N plain steps, and the one
-# round that overdraws; for 300 tokens 3 + 6 steps and a round, about 3-4 % of the answer. The
+# drafting. Over a pair's first answer of N tokens: at most ALLOWANCE + SHARE x N plain steps, and
+# the one round that overdraws; for 300 tokens 3 + 6 steps and a round, about 3-4 % of the
+# answer (the balance is the pair's, so later answers start from what earlier ones banked). The
 # benchmark holds the policy to 0.97x plain: the 2 % leaves room for the rest. Winning rounds
 # bank what they gain, up to BANKED_MOST plain steps: a few bad rounds in a good answer (a
 # passage the drafter cannot guess) do not park it for the rest, and a long-lived decoder (the
@@ -151,7 +152,7 @@ class DraftPolicy:
 
 
 class LossBudget:
-    """What one decoder's drafting rounds may still lose against plain decoding, in plain steps."""
+    """What a pair's drafting rounds may still lose against plain decoding, in plain steps."""
 
     def __init__(self):
         self.balance = EXPLORE_ALLOWANCE

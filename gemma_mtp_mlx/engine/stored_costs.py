@@ -3,7 +3,8 @@
 Most scripted use is one process per answer; without this, each would start the draft policy
 and the meter from nothing. So the costs (engine/costs.py: per number of rows, the plain step,
 the pooled plain/round ratios, the round costs per K and what they were just after the plain
-step) and the policy's acceptance by draft position are written to one small JSON file,
+step), the policy's acceptance by draft position and what its rounds may still lose are
+written to one small JSON file,
 `$XDG_CACHE_HOME/gemma-chat/costs.json` (`~/.cache/gemma-chat/costs.json` by default), at the
 end of an answer (`Decoder.close`, never between rounds), and read by the first `Decoder` of
 the pair in a process.
@@ -35,6 +36,7 @@ from .. import __version__
 from ..blas import openblas_threads
 from ..models.fingerprint import fingerprint, precision
 from .costs import POOL, Measurements, RowCosts
+from .policy import BANKED_MOST, EXPLORE_ALLOWANCE
 
 FORMAT = "gemma-chat.costs"
 VERSION = 1
@@ -220,7 +222,9 @@ def snapshot(m: Measurements) -> dict:
             "settled": {str(k): s for k, s in c.settled.items()},
             "ratios": {str(k): list(pool) for k, pool in c.ratios.items()},
         }
-    return {"rows": rows, "policy": {"accepted": m.policy.accepted, "seen": m.policy.seen}}
+    policy = {"accepted": m.policy.accepted, "seen": m.policy.seen,
+              "budget": {"balance": m.budget.balance, "lowest": m.budget.lowest}}
+    return {"rows": rows, "policy": policy}
 
 
 def restore(m: Measurements, entry: dict) -> None:
@@ -230,14 +234,19 @@ def restore(m: Measurements, entry: dict) -> None:
         rows = {int(b): _row(row) for b, row in entry["rows"].items()}
         policy = entry["policy"]
         accepted, seen = [_count(a) for a in policy["accepted"]], [_count(s) for s in policy["seen"]]
+        budget = policy.get("budget", {"balance": EXPLORE_ALLOWANCE, "lowest": 0.0})
+        balance, lowest = _steps(budget["balance"]), _steps(budget["lowest"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise Ignored("this pair's entry is damaged") from None
     if len(accepted) != m.policy.max_draft or len(seen) != m.policy.max_draft:
         raise Ignored("this pair's entry is damaged")
     if any(b < 1 for b in rows) or any(a > s + 1e-6 for a, s in zip(accepted, seen)):
         raise Ignored("this pair's entry is damaged")
+    if not lowest <= min(balance, 0.0) or balance > BANKED_MOST:
+        raise Ignored("this pair's entry is damaged")
     m.by_rows.update(rows)
     m.policy.accepted, m.policy.seen = accepted, seen
+    m.budget.balance, m.budget.lowest = balance, lowest
 
 
 def _row(row: dict) -> RowCosts:
@@ -270,6 +279,13 @@ def _positive(x) -> float:
 def _seconds(x) -> float:
     if _positive(x) > 3600:
         raise ValueError(f"{x!r} s")
+    return float(x)
+
+
+def _steps(x) -> float:
+    """A loss budget's figure, in plain steps (negative: overdrawn)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not abs(x) < 1e6:
+        raise ValueError(f"{x!r}")
     return float(x)
 
 
