@@ -248,5 +248,6 @@ def test_doctor_shows_what_is_stored(pair):
     assert "target + assistant · float32 / float32 · this machine" in text
     assert "1 row: plain step 10.5 ms (95 tok/s); a round of K=2 15.0 ms" in text
     assert re.search(r"acceptance by draft position: (0\.60 ){5}0\.60", text)
+    assert "what drafting may still lose: 12.5 plain steps\n" in text
     costs_path().write_text("{}")
     assert "is ignored: it is not a gemma-chat costs file" in report()

@@ -225,7 +225,8 @@ def _ms(seconds: float) -> str:
 
 def stored_costs_report(console: Console) -> None:
     """Per stored pair: where and when it was measured, and per number of rows the plain step
-    and what a round of K drafts costs; the policy's acceptance by draft position."""
+    and what a round of K drafts costs; the policy's acceptance by draft position and loss
+    budget."""
     from ..engine.costs import Measurements
     from ..engine.stored_costs import Ignored, costs_path, machine, read_entries, restore
 
@@ -264,6 +265,10 @@ def stored_costs_report(console: Console) -> None:
             ))
         acceptance = " ".join(f"{a:.2f}" for a in m.policy.acceptance)
         console.print(Text(f"   acceptance by draft position: {acceptance}"))
+        console.print(Text(
+            f"   what drafting may still lose: {m.budget.balance:.1f} plain steps"
+            + (" (parked until probes earn it back)" if m.budget.spent else "")
+        ))
 
 
 def _report(console: Console) -> None:
