@@ -3,11 +3,10 @@
 Most scripted use is one process per answer; without this, each would start the draft policy
 and the meter from nothing. So the costs (engine/costs.py: per number of rows, the plain step,
 the pooled plain/round ratios, the round costs per K and what they were just after the plain
-step), the policy's acceptance by draft position and what its rounds may still lose are
-written to one small JSON file,
-`$XDG_CACHE_HOME/gemma-chat/costs.json` (`~/.cache/gemma-chat/costs.json` by default), at the
-end of an answer (`Decoder.close`, never between rounds), and read by the first `Decoder` of
-the pair in a process.
+step), the policy's acceptance by draft position and what its rounds may still lose are written
+to one small JSON file, `$XDG_CACHE_HOME/gemma-chat/costs.json` (`~/.cache/gemma-chat/costs.json`
+by default), at the end of an answer (`Decoder.close`, never between rounds), and read by the
+first `Decoder` of the pair in a process.
 
 They hold only where they were measured, so an entry is found by its key: the weights'
 fingerprints (target and drafter, models/fingerprint.py: another checkpoint or quantisation
