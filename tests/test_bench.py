@@ -462,7 +462,28 @@ def test_fresh_processes_alternate_share_the_stored_costs_and_hold_the_goals(cap
     assert none["meter_within"]["met"] is False and none["policy_vs_plain"]["value"] == 1.075
     assert result["prompts"]["code"]["k3/none"]["meter_vs_real"] == 1.2
     assert result["outputs_identical"] is True
+    assert not [n for n in result["notes"] if n.startswith("plain decoding")]  # plain ran alike
     render.render_fresh(result, Console(file=io.StringIO(), width=80))
+
+
+def test_fresh_processes_say_when_plain_decoding_moved_more_than_the_goals_allow():
+    from gemma_mtp_mlx.tools.bench import fresh
+
+    plain_speeds = iter([200.0, 150.0, 200.0, 196.0])  # prose, code; then again
+    warm_up = iter(range(2 * len(fresh.VARIANTS)))
+
+    def answer(cmd, cache):
+        variant = next((v for v, flags in fresh.VARIANTS.items() if flags and flags[-1] in cmd), "auto")
+        timed = next(warm_up, None) is None
+        tps = next(plain_speeds) if variant == "plain" and timed else 200.0
+        stats = {"tokens_per_second": tps, "baseline_tokens_per_second": tps, "speedup": 1.0,
+                 "acceptance_rate": None}
+        return {"stats": stats, "token_ids": [1, 2, 3]}
+
+    notes = fresh.run_fresh("demo", max_tokens=300, repeats=2, run=answer)["notes"]
+    said = [n for n in notes if n.startswith("plain decoding")]
+    assert said == ["plain decoding on code ran at 150-196 tok/s across the repeats (31% apart): "
+                    "this machine's noise, beyond the 10% the goals allow"]
 
 
 def test_a_fresh_process_writes_its_costs_in_the_cache_folder_it_is_given(tmp_path, tmp_path_factory, monkeypatch):
