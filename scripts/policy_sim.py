@@ -10,10 +10,10 @@ STEP x (1 + ROUND_FIXED + per_draft x K), tracing a compiled step's graph (its f
 shape: a fresh process's, or a context outgrowing its buffer) `trace` plain steps, the reader
 READ per chunk. Drafts hit where the demo drafter's did: each workload of the pair bench is
 decoded once at K = 6 and the accepted positions kept (the simulated drafter of the bench then
-proposes the target's token exactly there). The default costs are the demo pair's own on the 2-core VM (its plain/round ratios: a
-round of K costs about 1 + 0.37 K plain steps; a trace 15-20 ms, about three plain steps). Each
-fixed K and the policy's first answer decode with a drafter of their own, so each traces its
-steps as a fresh process would.
+proposes the target's token exactly there). The default costs are the demo pair's own on the
+2-core VM (its plain/round ratios: a round of K costs about 1 + 0.37 K plain steps; a trace 15-20
+ms, about three plain steps). Each fixed K and the policy's first answer decode with a drafter of
+their own, so each traces its steps as a fresh process would.
 
 Printed per workload: tokens per simulated second of plain decoding and each fixed K, and of
 the policy three times in a row in one process, its first answer with nothing learned ("fresh")

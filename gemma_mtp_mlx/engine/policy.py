@@ -104,22 +104,18 @@ class DraftPolicy:
 
     def best(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
         """The K with the most tokens per second, 0 unless drafting promises MIN_GAIN more."""
-        rates = self.rates(costs, limit, tracing)
-        k = max(range(len(rates)), key=rates.__getitem__)
-        return k if rates[k] >= rates[0] * (1 + MIN_GAIN) else 0
+        return _winner(self.rates(costs, limit, tracing))
 
     def probe_length(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
-        """The drafts a parked policy's probe tries: the drafting K with the most tokens per
-        second. Where a drafter step costs much of a plain step, only deep rounds pay: probes of
-        one draft that hit then never made drafting look worth it, and kept it parked."""
-        rates = self.rates(costs, limit, tracing)
-        return min(max(range(1, len(rates)), key=rates.__getitem__), limit)
+        """The drafts a parked policy's probe tries (see `_favoured`)."""
+        return _favoured(self.rates(costs, limit, tracing), limit)
 
     def choose(self, costs, limit: int, tracing=None) -> int:
         """The draft length for the next round, at most `limit` (see `best`)."""
-        k = self.best(costs, limit, tracing)
+        rates = self.rates(costs, limit, tracing)
+        k = _winner(rates)
         if k == 0:
-            return self.parked(limit, probe=self.probe_length(costs, limit, tracing))
+            return self.parked(limit, probe=_favoured(rates, limit))
         self.probing, self.probe_again = False, False
         self.parked_rounds, self.probe_interval = 0, PARKED_PROBE_START
         return min(k, limit)
@@ -149,6 +145,19 @@ class DraftPolicy:
             self.probe_again, self.probe_interval = True, PARKED_PROBE_START
         elif self.probing and not self.probe_again:
             self.probe_interval = min(2 * self.probe_interval, PARKED_PROBE_MAX)
+
+
+def _winner(rates: list[float]) -> int:
+    """The K of the highest rate, 0 unless it beats a plain step's by MIN_GAIN."""
+    k = max(range(len(rates)), key=rates.__getitem__)
+    return k if rates[k] >= rates[0] * (1 + MIN_GAIN) else 0
+
+
+def _favoured(rates: list[float], limit: int) -> int:
+    """The drafting K (1 or more, at most `limit`) of the highest rate: what a probe tries. Where
+    a drafter step costs much of a plain step only deep rounds pay, and probes of one draft, even
+    hitting, never made drafting look worth it and kept the policy parked."""
+    return min(max(range(1, len(rates)), key=rates.__getitem__), limit)
 
 
 class LossBudget:

@@ -35,7 +35,7 @@ from .. import __version__
 from ..blas import openblas_threads
 from ..models.fingerprint import fingerprint, precision
 from .costs import POOL, Measurements, RowCosts
-from .policy import BANKED_MOST, EXPLORE_ALLOWANCE
+from .policy import BANKED_MOST
 
 FORMAT = "gemma-chat.costs"
 VERSION = 1
@@ -233,8 +233,11 @@ def restore(m: Measurements, entry: dict) -> None:
         rows = {int(b): _row(row) for b, row in entry["rows"].items()}
         policy = entry["policy"]
         accepted, seen = [_count(a) for a in policy["accepted"]], [_count(s) for s in policy["seen"]]
-        budget = policy.get("budget", {"balance": EXPLORE_ALLOWANCE, "lowest": 0.0})
-        balance, lowest = _steps(budget["balance"]), _steps(budget["lowest"])
+        budget = policy.get("budget")  # a file from before it was stored: `m`'s fresh one
+        balance, lowest = (
+            (m.budget.balance, m.budget.lowest) if budget is None
+            else (_steps(budget["balance"]), _steps(budget["lowest"]))
+        )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise Ignored("this pair's entry is damaged") from None
     if len(accepted) != m.policy.max_draft or len(seen) != m.policy.max_draft:

@@ -140,7 +140,8 @@ def cell_figures(runs: list[dict], plain: list[dict]) -> dict:
 def report(runs: dict, *, model: str, max_tokens: int, repeats: int, notes: list[str]) -> dict:
     prompts = {name: {cell: cell_figures(rs, by_cell["plain"]) for cell, rs in by_cell.items()}
                for name, by_cell in runs.items()}
-    notes = notes + [n for n in (_noise_note(name, by_cell["plain"]) for name, by_cell in runs.items()) if n]
+    noise = (_noise_note(name, by_cell["plain"]) for name, by_cell in runs.items())
+    notes = notes + [n for n in noise if n]
     def within(key, cells, tolerance):
         """The share of these cells on every prompt within `tolerance` of 1 (bounds included)."""
         values = [p[c][key] for p in prompts.values() for c in cells]
