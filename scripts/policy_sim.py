@@ -97,11 +97,13 @@ def hits_of(pair, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
     """The target's greedy answer and, per sequence position, whether the real drafter's draft
     there was accepted in rounds of 6 (a round's bonus token counts as a hit). The answer is
     decoded twice and the second kept: the first measures the pair's plain step, and the
-    positions of those plain steps say nothing about the drafter."""
-    for _ in generate(pair, prompt, max_tokens=n, draft_tokens=6, ignore_eos=True):
+    positions of those plain steps say nothing about the drafter. Eager steps: compiled ones end
+    an answer in plain steps where a shorter round would trace, and those say nothing either."""
+    options = dict(max_tokens=n, draft_tokens=6, ignore_eos=True, compile=False)
+    for _ in generate(pair, prompt, **options):
         pass
     answer, hits = [], [False] * (len(prompt) + 1)
-    for chunk in generate(pair, prompt, max_tokens=n, draft_tokens=6, ignore_eos=True):
+    for chunk in generate(pair, prompt, **options):
         answer += chunk.token_ids
         if chunk.round is not None and chunk.round.drafted:
             a, d = chunk.round.accepted, chunk.round.drafted

@@ -85,6 +85,19 @@ def test_a_step_is_traced_once_per_shape(ckpt, monkeypatch):
     assert traced < steps.traces <= 2 * traced
 
 
+def test_a_fixed_k_answer_ends_without_tracing_a_shorter_round(ckpt):
+    """The last round of a `-k 3` answer may have room for fewer drafts. A step of that length,
+    not traced yet, would trace a graph (several plain steps' time) for its last few tokens: it
+    ends in plain steps, or rounds of a length traced already, with the same tokens."""
+    pair = load(str(ckpt["dense"]), str(ckpt["dense-assistant"]))
+    steps = steps_for(pair.target, pair.drafter, True)
+    for n in range(17, 25):
+        options = dict(max_tokens=n, ignore_eos=True)
+        plain = generated_ids(pair, PROMPT, mtp=False, **options)
+        assert generated_ids(pair, PROMPT, draft_tokens=3, **options) == plain
+    assert {signature[1] for signature in steps.functions if signature[0] == "round"} == {3}
+
+
 def test_full_attention_buffers_grow_in_few_buckets():
     sizes = [full_slots(n) for n in range(1, 300_000, 97)]
     assert all(s >= n for s, n in zip(sizes, range(1, 300_000, 97)))

@@ -693,3 +693,19 @@ def test_a_round_s_trace_is_time_plain_decoding_would_have_decoded_through(ckpt,
     chunks = read(clock, generate(pair, long_prompt, max_tokens=60, ignore_eos=True, draft_tokens=3), 0.05)
     assert steps.traces > traced and any(s[:2] == ("round", 3) and s[-1] == (512,) for s in steps.functions)
     assert chunks[-1].stats.baseline_tokens_per_second == pytest.approx(20, rel=0.05)
+
+
+def test_near_an_answer_s_end_no_round_longer_than_the_room_is_weighed():
+    """With room for two drafts, a round of 4 runs as a round of 2: weighed as 4 (traced, so
+    free), it was taken and then traced a step of 2 for the answer's last three tokens."""
+    costs = measured(1.0, {k: 1.0 + 0.07 * k for k in range(1, 5)})
+    policy = DraftPolicy(max_draft=4)
+    for _ in range(30):
+        policy.observe(4, 4)
+
+    def tracing(k):
+        return 0.0 if k in (0, 4) else 5.0  # plain and K = 4 are traced
+
+    assert policy.choose(costs, limit=300, tracing=tracing) == 4
+    assert len(policy.rates(costs, limit=2, tracing=tracing)) == 3
+    assert policy.choose(costs, limit=2, tracing=tracing) == 0

@@ -306,7 +306,14 @@ class Decoder:
                 probe_loss = costs.round_seconds(probe) / costs.current_plain - 1
                 return policy.parked(room, may_probe=budget.affords(probe_loss), probe=probe)
             return policy.choose(costs, room, tracing)
-        return min(self.fixed_k, room)
+        if room >= self.fixed_k:
+            return self.fixed_k
+        # The answer's last rounds have room for fewer drafts than asked. A length whose step is
+        # not traced yet would trace a graph (several plain steps' time) for a few tokens: the
+        # longest traced length that fits runs instead, else plain steps finish the answer.
+        rows = [s.row for s in self.streams]
+        traced = (k for k in range(room, 0, -1) if not self.steps.trace_seconds_before(rows, k))
+        return next(traced, 0)
 
     def _room(self, ahead: int) -> int:
         """The most drafts a round may hold without drafting past the end of every answer, after

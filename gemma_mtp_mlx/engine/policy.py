@@ -84,15 +84,19 @@ class DraftPolicy:
         return out
 
     def rates(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> list[float]:
-        """Tokens per second of a round of each K (0: a plain step); `tracing(k)`: the seconds a
-        step of K would first spend tracing, spread over the tokens it has to win them back in."""
+        """Tokens per second of a round of each K up to `limit` (0: a plain step); `tracing(k)`:
+        the seconds a step of K would first spend tracing, spread over the tokens it has to win
+        them back in."""
         acceptance = self.acceptance
         plain = costs.round_seconds(0)
         horizon = max(1, min(limit, TRACE_HORIZON))
         rates = []
         # One draft beyond the longest round measured: further out the cost is a guess along a
-        # prior slope, and each length tried pays its trace and its rounds.
-        for k in range(min(self.max_draft, max(costs.rounds, default=1) + 1) + 1):
+        # prior slope, and each length tried pays its trace and its rounds. None past `limit`:
+        # near an answer's end a longer round would run as one of `limit` drafts, a length
+        # that may need a trace of its own for the last few tokens.
+        longest = min(self.max_draft, max(costs.rounds, default=1) + 1, limit)
+        for k in range(longest + 1):
             emitted = expected_tokens(k, acceptance)
             # A round verifies two tokens or more: it costs a plain step at least, whatever the
             # interval of a pipelined round read late (nearly none) says.
@@ -108,17 +112,17 @@ class DraftPolicy:
 
     def probe_length(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
         """The drafts a parked policy's probe tries (see `_favoured`)."""
-        return _favoured(self.rates(costs, limit, tracing), limit)
+        return _favoured(self.rates(costs, limit, tracing))
 
     def choose(self, costs, limit: int, tracing=None) -> int:
         """The draft length for the next round, at most `limit` (see `best`)."""
         rates = self.rates(costs, limit, tracing)
         k = _winner(rates)
         if k == 0:
-            return self.parked(limit, probe=_favoured(rates, limit))
+            return self.parked(limit, probe=_favoured(rates))
         self.probing, self.probe_again = False, False
         self.parked_rounds, self.probe_interval = 0, PARKED_PROBE_START
-        return min(k, limit)
+        return k
 
     def parked(self, limit: int, may_probe: bool = True, probe: int = 1) -> int:
         """A parked round: a plain step (0), or once the wait is over a probe of `probe` drafts;
@@ -153,11 +157,11 @@ def _winner(rates: list[float]) -> int:
     return k if rates[k] >= rates[0] * (1 + MIN_GAIN) else 0
 
 
-def _favoured(rates: list[float], limit: int) -> int:
-    """The drafting K (1 or more, at most `limit`) of the highest rate: what a probe tries. Where
+def _favoured(rates: list[float]) -> int:
+    """The drafting K (1 or more) of the highest rate: what a probe tries. Where
     a drafter step costs much of a plain step only deep rounds pay, and probes of one draft, even
     hitting, never made drafting look worth it and kept the policy parked."""
-    return min(max(range(1, len(rates)), key=rates.__getitem__), limit)
+    return max(range(1, len(rates)), key=rates.__getitem__)
 
 
 class LossBudget:
