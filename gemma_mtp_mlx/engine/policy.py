@@ -33,8 +33,8 @@ PARKED_PROBE_MAX = 128
 # a fixed 0.6 there, a drafter hitting 90 % never tried a fifth draft that would have paid.
 # Every drafting round ages every position's counts, drafted to or not: a position the policy
 # stopped drafting to after a bad stretch drifts back towards the one above it and is tried again
-# some 50 rounds later. Counts that only aged when observed kept such a position's bad stretch
-# for good (stored with the costs, across processes too), and the policy at a shorter K for good.
+# some 50 rounds later. Aged only when observed, its counts would keep that stretch for good
+# (stored with the costs, in later processes too), and the policy a shorter K than pays.
 PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
 # What the policy's rounds may lose against plain decoding: EXPLORE_SHARE of the plain steps an
 # answer's tokens are worth, beyond EXPLORE_ALLOWANCE plain steps that let its first rounds try
@@ -164,9 +164,9 @@ def _winner(rates: list[float]) -> int:
 
 
 def _favoured(rates: list[float]) -> int:
-    """The drafting K (1 or more) of the highest rate: what a probe tries. Where
-    a drafter step costs much of a plain step only deep rounds pay, and probes of one draft, even
-    hitting, never made drafting look worth it and kept the policy parked."""
+    """The drafting K (1 or more) of the highest rate: what a probe tries. Where a drafter step
+    costs much of a plain step only deep rounds pay, and probes of one draft, even hitting, never
+    made drafting look worth it and kept the policy parked."""
     return max(range(1, len(rates)), key=rates.__getitem__)
 
 
