@@ -726,3 +726,22 @@ def test_a_draft_length_given_up_after_a_bad_stretch_is_tried_again():
         policy.observe(1, 1)
         rounds += 1
     assert 20 < rounds < 100 and policy.best(costs) == 2
+
+
+def test_a_parked_policy_probes_the_length_it_drafted_last():
+    """After a bad stretch parks a policy that drafted 3, its estimates favour probes of one
+    draft, which on a pair whose round of one costs 1.6 plain steps pays little even when it
+    hits and lifts nothing but the first position: a probe asks whether rounds of 3 pay again."""
+    from gemma_mtp_mlx.engine.policy import _favoured
+
+    costs = measured(1.0, {1: 1.6, 2: 2.1, 3: 2.6})
+    policy = DraftPolicy(max_draft=3)
+    for _ in range(30):
+        policy.observe(3, 3)
+    assert policy.choose(costs, limit=10) == 3
+    for _ in range(30):
+        policy.observe(3, 0)
+    assert policy.best(costs) == 0 and _favoured(policy.rates(costs)) == 1
+    choices = [policy.choose(costs, limit=10) for _ in range(PARKED_PROBE_START)]
+    assert choices == [0] * (PARKED_PROBE_START - 1) + [3]
+    assert policy.probe_length(costs, limit=2) == 2

@@ -8,8 +8,9 @@ decoding emits 1 per pipelined plain step. The policy picks the K with the highe
 a K whose compiled step is not traced yet charged its trace over the tokens it has to pay it back.
 K goes at most one draft past the longest round measured: further out its cost is a guess.
 
-While parked, a round now and then drafts again (the length the estimates favour) so that a
-workload that turns predictable unparks. A probe that misses doubles the wait for the next
+While parked, a round now and then drafts again so that a workload that turns predictable
+unparks: a probe drafts the length the policy drafted last (does it pay again?), or, before it
+has drafted, the length its estimates favour. A probe that misses doubles the wait for the next
 (PARKED_PROBE_START rounds up to PARKED_PROBE_MAX), so a drafter that never hits costs next to
 nothing; a probe that hits is followed by another at once and the wait starts over: hits pay
 their own way and lift the acceptance estimate until drafting wins again, where probes spaced
@@ -25,7 +26,7 @@ hit bank what they gain, and drafting comes back with the budget.
 
 
 POLICY_MAX_DRAFT = 6  # the most drafts the policy considers (a fixed K may ask for more)
-PARKED_PROBE_START = 16  # a probe that misses costs about one plain step more than it brings
+PARKED_PROBE_START = 8  # a probe that misses costs about one plain step more than it brings
 PARKED_PROBE_MAX = 128
 # Acceptance estimates start optimistic-but-uncertain and follow recent rounds (exponential decay).
 # The first position's prior is PRIOR_ACCEPTED; a deeper one's is the estimate one position up,
@@ -75,6 +76,7 @@ class DraftPolicy:
         self.probe_interval = PARKED_PROBE_START  # parked rounds before the next probe
         self.probing = False  # the latest choice is a parked policy's probe
         self.probe_again = False  # the latest probe hit: the next parked round probes too
+        self.drafted_last = 0  # the K of the policy's latest drafting round (probes aside)
 
     @property
     def acceptance(self) -> list[float]:
@@ -115,18 +117,23 @@ class DraftPolicy:
         return _winner(self.rates(costs, limit, tracing))
 
     def probe_length(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
-        """The drafts a parked policy's probe tries (see `_favoured`)."""
-        return _favoured(self.rates(costs, limit, tracing))
+        """The drafts a parked policy's probe tries: the length it drafted last, or before it
+        has drafted, the one its estimates favour (see `_favoured`)."""
+        return self._probe(self.rates(costs, limit, tracing), limit)
 
     def choose(self, costs, limit: int, tracing=None) -> int:
         """The draft length for the next round, at most `limit` (see `best`)."""
         rates = self.rates(costs, limit, tracing)
         k = _winner(rates)
         if k == 0:
-            return self.parked(limit, probe=_favoured(rates))
+            return self.parked(limit, probe=self._probe(rates, limit))
+        self.drafted_last = k
         self.probing, self.probe_again = False, False
         self.parked_rounds, self.probe_interval = 0, PARKED_PROBE_START
         return k
+
+    def _probe(self, rates: list[float], limit: int) -> int:
+        return min(self.drafted_last, limit) or _favoured(rates)
 
     def parked(self, limit: int, may_probe: bool = True, probe: int = 1) -> int:
         """A parked round: a plain step (0), or once the wait is over a probe of `probe` drafts;
@@ -164,9 +171,9 @@ def _winner(rates: list[float]) -> int:
 
 
 def _favoured(rates: list[float]) -> int:
-    """The drafting K (1 or more) of the highest rate: what a probe tries. Where a drafter step
-    costs much of a plain step only deep rounds pay, and probes of one draft, even hitting, never
-    made drafting look worth it and kept the policy parked."""
+    """The drafting K (1 or more) of the highest rate: what a probe tries before the policy has
+    drafted. Where a drafter step costs much of a plain step only deep rounds pay, and probes of
+    one draft, even hitting, never made drafting look worth it and kept the policy parked."""
     return max(range(1, len(rates)), key=rates.__getitem__)
 
 
