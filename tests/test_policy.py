@@ -711,23 +711,6 @@ def test_near_an_answer_s_end_no_round_longer_than_the_room_is_weighed():
     assert policy.choose(costs, limit=2, tracing=tracing) == 0
 
 
-def test_a_draft_length_given_up_after_a_bad_stretch_is_tried_again():
-    """Second drafts that missed for a stretch make rounds of one draft the best; while the
-    policy drafts one, nothing is seen of the second. Its estimate drifts back towards the first
-    position's, so rounds of two are tried again some 50 rounds on, where an estimate that only
-    moved when observed kept the policy at one draft for good."""
-    costs = measured(1.0, {1: 1.3, 2: 1.75})  # two drafts pay once the second hits 2 in 3
-    policy = DraftPolicy(max_draft=2)
-    for _ in range(20):
-        policy.observe(2, 1)
-    assert policy.best(costs) == 1
-    rounds = 0
-    while policy.best(costs) == 1 and rounds < 200:
-        policy.observe(1, 1)
-        rounds += 1
-    assert 20 < rounds < 100 and policy.best(costs) == 2
-
-
 def test_a_parked_policy_probes_the_length_it_drafted_last():
     """After a bad stretch parks a policy that drafted 3, its estimates favour probes of one
     draft, which on a pair whose round of one costs 1.6 plain steps pays little even when it

@@ -32,10 +32,6 @@ PARKED_PROBE_MAX = 128
 # The first position's prior is PRIOR_ACCEPTED; a deeper one's is the estimate one position up,
 # so positions never reached yet (no round has drafted that deep) look like those that were: with
 # a fixed 0.6 there, a drafter hitting 90 % never tried a fifth draft that would have paid.
-# Every drafting round ages every position's counts, drafted to or not: a position the policy
-# stopped drafting to after a bad stretch drifts back towards the one above it and is tried again
-# some 50 rounds later. Aged only when observed, its counts would keep that stretch for good
-# (stored with the costs, in later processes too), and the policy a shorter K than pays.
 PRIOR_ACCEPTED, PRIOR_SEEN, DECAY = 0.6, 2.0, 0.95
 # What the policy's rounds may lose against plain decoding: EXPLORE_SHARE of the plain steps an
 # answer's tokens are worth, beyond EXPLORE_ALLOWANCE plain steps that let its first rounds try
@@ -150,13 +146,11 @@ class DraftPolicy:
         """Learn the acceptance of a drafting round. Draft i was tried iff drafts 1..i-1 were
         accepted, so each tried position is one Bernoulli observation of a_i (a fixed K may
         draft beyond the positions the policy considers)."""
-        tried = min(drafted, accepted + 1)
-        for i in range(self.max_draft):
-            self.accepted[i] *= DECAY
-            self.seen[i] *= DECAY
-            if i < tried:
-                self.accepted[i] += 1.0 if i < accepted else 0.0
-                self.seen[i] += 1.0
+        for i in range(min(drafted, self.max_draft)):
+            self.accepted[i] = self.accepted[i] * DECAY + (1.0 if i < accepted else 0.0)
+            self.seen[i] = self.seen[i] * DECAY + 1.0
+            if i >= accepted:
+                break
         # A probe's rows report one by one (a batch): one that hit makes the probe a hit.
         if self.probing and accepted:
             self.probe_again, self.probe_interval = True, PARKED_PROBE_START
