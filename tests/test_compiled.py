@@ -98,6 +98,20 @@ def test_a_fixed_k_answer_ends_without_tracing_a_shorter_round(ckpt):
     assert {signature[1] for signature in steps.functions if signature[0] == "round"} == {3}
 
 
+def test_a_fixed_k_answer_s_last_plain_steps_are_no_baseline_sample(ckpt, monkeypatch):
+    """The plain steps that finish a `-k 3` answer are not its baseline's measurements: taken as
+    samples, each answer's restarted the rounds held against the plain step (engine/costs.py),
+    so that a chat's later answers pooled ratios against a plain step measured long before."""
+    monkeypatch.setattr(costs, "DRIFT", float("inf"))  # no measurement but the first
+    pair = load(str(ckpt["dense"]), str(ckpt["dense-assistant"]))
+    generated_ids(pair, PROMPT, max_tokens=40, ignore_eos=True, draft_tokens=3)
+    row_costs = costs.measurements_for(pair.target, pair.drafter, True).rows(1)
+    measured = row_costs.plain_count
+    for n in range(41, 46):
+        generated_ids(pair, PROMPT, max_tokens=n, ignore_eos=True, draft_tokens=3)
+    assert row_costs.plain_count == measured
+
+
 def test_full_attention_buffers_grow_in_few_buckets():
     sizes = [full_slots(n) for n in range(1, 300_000, 97)]
     assert all(s >= n for s, n in zip(sizes, range(1, 300_000, 97)))

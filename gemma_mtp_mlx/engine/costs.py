@@ -224,8 +224,7 @@ class Measurements:
     may still lose (`LossBudget`) for one (target, drafter) pair, kept for as long as both live,
     so that every answer of a chat, every batch and every request to the server starts from what
     earlier ones learned: an answer that opens with a few missed rounds spends what earlier
-    answers banked, where a budget of its own was spent by them and parked the policy for some
-    45 rounds."""
+    answers banked instead of parking the policy for the rest of it."""
 
     def __init__(self):
         self.by_rows: dict[int, RowCosts] = {}

@@ -293,13 +293,13 @@ class Decoder:
         room = self._room(int(self.plain is not None or self.rounds is not None))
         if room <= 0:
             return 0
+        rows = [s.row for s in self.streams]
+
+        def tracing(k: int) -> float:
+            return self.steps.trace_seconds_before(rows, k)
+
         if self.fixed_k is None:
             policy = self.measurements.policy
-            rows = [s.row for s in self.streams]
-
-            def tracing(k: int) -> float:
-                return self.steps.trace_seconds_before(rows, k)
-
             budget = self.measurements.budget
             if budget.spent:  # parked; a probe that misses costs its round less one token
                 probe = policy.probe_length(costs, room, tracing)
@@ -311,9 +311,7 @@ class Decoder:
         # The answer's last rounds have room for fewer drafts than asked. A length whose step is
         # not traced yet would trace a graph (several plain steps' time) for a few tokens: the
         # longest traced length that fits runs instead, else plain steps finish the answer.
-        rows = [s.row for s in self.streams]
-        traced = (k for k in range(room, 0, -1) if not self.steps.trace_seconds_before(rows, k))
-        return next(traced, 0)
+        return next((k for k in range(room, 0, -1) if not tracing(k)), 0)
 
     def _room(self, ahead: int) -> int:
         """The most drafts a round may hold without drafting past the end of every answer, after
@@ -328,7 +326,11 @@ class Decoder:
         self.plain_measuring = self.measuring
         ids = self.plain.step()
         end = clock()
-        if steady and self.steps.traces == traces:  # tracing a graph is no step's cost
+        # Tracing a graph is no step's cost. A fixed K's plain steps are its baseline's
+        # measurements; those that finish an answer with no room for a round are no sample: each
+        # would restart the rounds held against the plain step (engine/costs.py) at every answer.
+        sample = self.drafter is None or self.fixed_k is None or self.measuring
+        if sample and steady and self.steps.traces == traces:
             costs.observe_plain(end - self.last_end)
         if self.measuring and not self.baseline_left:
             costs.end_measurement()
