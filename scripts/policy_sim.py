@@ -1,18 +1,20 @@
 """The draft policy against fixed draft lengths, on a clock that only this script moves.
 
-    .venv/bin/python scripts/policy_sim.py [--per-draft 0.37] [--trace 3] [--tokens 300]
+    .venv/bin/python scripts/policy_sim.py [--per-draft 0.37] [--trace 0.7] [--trace-per-draft 0.45]
+        [--tokens 300]
 
 On a busy machine the same answer twice differs by more than the policy's shortfall, so the pair
 bench cannot tell a better policy from a luckier run. Here the engine decodes for real (the
 demo pair, compiled steps, the real decoder with its baseline measurements, loss budget and
 probes), but time passes only as this script says: a plain step costs STEP, a round of K drafts
 STEP x (1 + ROUND_FIXED + per_draft x K), tracing a compiled step's graph (its first call of a
-shape: a fresh process's, or a context outgrowing its buffer) `trace` plain steps, the reader
+shape: a fresh process's, or a context outgrowing its buffer) `trace` + `trace_per_draft` x K
+plain steps (a round's graph holds K drafter steps), the reader
 READ per chunk. Drafts hit where the demo drafter's did: each workload of the pair bench is
 decoded once at K = 6 and the accepted positions kept (the simulated drafter of the bench then
 proposes the target's token exactly there). The default costs are the demo pair's own on the
-2-core VM (its plain/round ratios: a round of K costs about 1 + 0.37 K plain steps; a trace 15-20
-ms, about three plain steps). Each fixed K and the policy's first answer decode with a drafter of
+2-core VM (its plain/round ratios: a round of K costs about 1 + 0.37 K plain steps; a plain
+step's graph traces in 6-7 ms, a round's in some 4 ms more per draft: 10-29 ms for K = 1..6). Each fixed K and the policy's first answer decode with a drafter of
 their own, so each traces its steps as a fresh process would.
 
 Printed per workload: tokens per simulated second of plain decoding and each fixed K, and of
@@ -54,7 +56,7 @@ class Clock:
         return self.now
 
 
-def simulate_time(clock: Clock, per_draft: float, trace: float) -> None:
+def simulate_time(clock: Clock, per_draft: float, trace: float, trace_per_draft: float) -> None:
     real_plain, real_round, real_step = PlainSteps.step, decode.run_round, RoundPipeline.step
     real_function = CompiledSteps._function
 
@@ -80,7 +82,8 @@ def simulate_time(clock: Clock, per_draft: float, trace: float) -> None:
             traces = steps.traces
             out = compiled(*inputs)
             if steps.traces != traces:
-                clock.now += STEP * trace
+                drafts = signature[1] if signature[0] == "round" else 0
+                clock.now += STEP * (trace + trace_per_draft * drafts)
             return out
 
         return call
@@ -133,13 +136,14 @@ def answer_speed(clock: Clock, pair, prompt: list[int], n: int, k: int | None, m
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-draft", type=float, default=0.37)
-    parser.add_argument("--trace", type=float, default=3.0, help="plain steps a trace takes")
+    parser.add_argument("--trace", type=float, default=0.7, help="plain steps a plain step's trace takes")
+    parser.add_argument("--trace-per-draft", type=float, default=0.45, help="plain steps more per draft")
     parser.add_argument("--tokens", type=int, default=300)
     args = parser.parse_args()
     pair = load("demo")
     clock = Clock()
     # First: the recording measures its baseline on this clock too.
-    simulate_time(clock, args.per_draft, args.trace)
+    simulate_time(clock, args.per_draft, args.trace, args.trace_per_draft)
     recorded = {
         w.name: (w.prompt, *hits_of(pair, w.prompt, args.tokens))
         for w in workloads(pair, args.tokens)

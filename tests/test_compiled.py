@@ -187,23 +187,35 @@ def test_one_token_s_heads_are_placed_without_a_transpose():
         assert mx.array_equal(h, 2 * x.reshape(2, length, 3, 4).transpose(0, 2, 1, 3))
 
 
-def test_a_shape_traced_costs_no_trace_before_its_next_step(ckpt):
+def test_a_shape_not_traced_is_charged_what_traces_of_its_length_cost(ckpt):
     """What the policy is told a step would first spend tracing: nothing for a shape traced
-    already, the mean trace so far for one that is not, nothing on the eager path."""
+    already; for one that is not, what its length's trace took for other rows, else the line
+    through the traces of the other lengths (a round's graph grows with its drafts), or their
+    mean where it does not grow; nothing on the eager path."""
     from gemma_mtp_mlx.engine.context import Context
-    from gemma_mtp_mlx.engine.sampling import Sampler
+    from gemma_mtp_mlx.engine.sampling import Sampler, SamplerSettings
     from gemma_mtp_mlx.engine.speculative import Row
     from gemma_mtp_mlx.engine.steps import CompiledSteps, EagerSteps
 
     pair = load(str(ckpt["dense"]), str(ckpt["dense-centroids"]))
     ctx = Context(pair.target)
     logits, hidden, _ = ctx.prefill(PROMPT)
-    rows = [Row(ctx, Sampler(), mx.argmax(logits[0, 0]).reshape(1, 1), hidden)]
+    token = mx.argmax(logits[0, 0]).reshape(1, 1)
+    rows = [Row(ctx, Sampler(), token, hidden)]
+    sampled = [Row(ctx, Sampler(SamplerSettings(temperature=0.7)), token, hidden)]
     steps = CompiledSteps(pair.target, pair.drafter)
     assert steps.trace_seconds_before(rows, 3) == 0.0  # nothing traced: nothing known yet
     mx.eval(steps.speculate(rows, 3).accepted)
     assert steps.traces == 1 and steps.trace_seconds > 0
+    assert steps.traced_drafts == {3: steps.trace_seconds}
     assert steps.trace_seconds_before(rows, 3) == 0.0
-    assert steps.trace_seconds_before(rows, 2) == steps.trace_seconds
+    assert steps.trace_seconds_before(sampled, 3) == steps.trace_seconds  # another shape of 3
+    assert steps.trace_seconds_before(rows, 2) == steps.trace_seconds  # one length known: its time
     assert steps.trace_seconds_before(rows, 0) == steps.trace_seconds
+    steps.traced_drafts = {0: 0.006, 3: 0.018}
+    assert steps.trace_seconds_before(rows, 3) == 0.0
+    assert steps.trace_seconds_before(rows, 1) == pytest.approx(0.010)
+    assert steps.trace_seconds_before(rows, 6) == pytest.approx(0.030)
+    steps.traced_drafts = {1: 0.012, 2: 0.010}  # a longer round traced faster: noise
+    assert steps.trace_seconds_before(rows, 4) == pytest.approx(0.011)
     assert EagerSteps(pair.target, pair.drafter).trace_seconds_before(rows, 2) == 0.0

@@ -14,6 +14,7 @@ A sampling row draws from a key split off its own stream once per step, inside t
 import time
 import weakref
 from collections import OrderedDict
+from statistics import linear_regression, mean
 
 import mlx.core as mx
 
@@ -72,6 +73,7 @@ class CompiledSteps:
         self.functions: OrderedDict = OrderedDict()
         self.traces = 0  # graphs traced so far: the first step of each shape, and no other
         self.trace_seconds = 0.0  # the host's time in the calls that traced (the warm-up)
+        self.traced_drafts: dict[int, float] = {}  # per K (0: plain), its latest trace's seconds
 
     @property
     def target(self):
@@ -102,12 +104,21 @@ class CompiledSteps:
 
     def trace_seconds_before(self, rows: list[Row], k: int) -> float:
         """What the host would spend tracing before a step of `k` drafts (0: a plain step) for
-        `rows` as their buffers stand: nothing once that shape is traced, else the mean of the
-        traces so far (none yet: nothing known, nothing charged)."""
+        `rows` as their buffers stand: nothing once that shape is traced; else what K's trace took
+        at another buffer size, or the line through the traces of the other lengths (their least
+        squares): a round's graph holds K drafter steps, so it grows with K (the demo pair: a
+        plain step 6-7 ms, rounds of 1..6 drafts 10-29 ms). None yet: nothing known, nothing
+        charged; one: its time."""
         kind = ("round", k) if k else ("plain",)
-        if not self.traces or _signature(kind, rows) in self.functions:
+        if not self.traced_drafts or _signature(kind, rows) in self.functions:
             return 0.0
-        return self.trace_seconds / self.traces
+        if k in self.traced_drafts:
+            return self.traced_drafts[k]
+        drafts, seconds = zip(*self.traced_drafts.items())
+        if len(drafts) == 1:
+            return seconds[0]
+        slope, intercept = linear_regression(drafts, seconds)
+        return max(0.0, intercept + slope * k) if slope > 0 else mean(seconds)
 
     def _run(self, kind: tuple, work, rows: list[Row], length: int, tokens, hidden, offsets=None):
         """`work` over `rows`' caches as one compiled call that writes `length` new positions
@@ -137,7 +148,9 @@ class CompiledSteps:
             raise
         del buffers
         if self.traces != traces:
-            self.trace_seconds += clock() - start
+            seconds = clock() - start
+            self.trace_seconds += seconds
+            self.traced_drafts[length - 1] = seconds  # a round of K writes K + 1 positions
         _give_back(rows, written, advance)
         return out
 
