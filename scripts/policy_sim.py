@@ -1,7 +1,7 @@
 """The draft policy against fixed draft lengths, on a clock that only this script moves.
 
     .venv/bin/python scripts/policy_sim.py [--per-draft 0.37] [--trace 0.7] [--trace-per-draft 0.45]
-        [--tokens 300]
+        [--tokens 300] [--noise 0.15 --seed 1]
 
 On a busy machine the same answer twice differs by more than the policy's shortfall, so the pair
 bench cannot tell a better policy from a luckier run. Here the engine decodes for real (the
@@ -9,13 +9,16 @@ demo pair, compiled steps, the real decoder with its baseline measurements, loss
 probes), but time passes only as this script says: a plain step costs STEP, a round of K drafts
 STEP x (1 + ROUND_FIXED + per_draft x K), tracing a compiled step's graph (its first call of a
 shape: a fresh process's, or a context outgrowing its buffer) `trace` + `trace_per_draft` x K
-plain steps (a round's graph holds K drafter steps), the reader
-READ per chunk. Drafts hit where the demo drafter's did: each workload of the pair bench is
-decoded once at K = 6 and the accepted positions kept (the simulated drafter of the bench then
-proposes the target's token exactly there). The default costs are the demo pair's own on the
-2-core VM (its plain/round ratios: a round of K costs about 1 + 0.37 K plain steps; a plain
-step's graph traces in 6-7 ms, a round's in some 4 ms more per draft: 10-29 ms for K = 1..6). Each fixed K and the policy's first answer decode with a drafter of
-their own, so each traces its steps as a fresh process would.
+plain steps (a round's graph holds K drafter steps), the reader READ per chunk. With `--noise`,
+every step and round costs that times the machine's speed of the moment, a random walk that
+reverts within some ten steps (the slow and fast spells of a shared machine: the policy times a
+length in one and goes by it in another). Drafts hit where the demo drafter's did: each
+workload of the pair bench is decoded once at K = 6 and the accepted positions kept (the
+simulated drafter of the bench then proposes the target's token exactly there). The default
+costs are the demo pair's own on the 2-core VM (its plain/round ratios: a round of K costs about
+1 + 0.37 K plain steps; a plain step's graph traces in 6-7 ms, a round's in some 4 ms more per
+draft: 10-29 ms for K = 1..6). Each fixed K and the policy's first answer decode with a drafter
+of their own, so each traces its steps as a fresh process would.
 
 Printed per workload: tokens per simulated second of plain decoding and each fixed K, and of
 the policy three times in a row in one process, its first answer with nothing learned ("fresh")
@@ -45,6 +48,22 @@ from gemma_mtp_mlx.tools.bench.workloads import workloads  # noqa: E402
 STEP, ROUND_FIXED, READ = 0.01, 0.05, 0.0005
 
 
+class MachineSpeed:
+    """A factor on what each step costs: exp(x), x an AR(1) walk with standard deviation `noise`
+    that keeps REVERT of itself per step."""
+
+    REVERT = 0.9
+
+    def __init__(self, noise: float, seed: int):
+        self.noise, self.x = noise, 0.0
+        self.random = np.random.default_rng(seed)
+
+    def __call__(self) -> float:
+        shock = self.random.normal(0.0, self.noise * (1 - self.REVERT**2) ** 0.5)
+        self.x = self.REVERT * self.x + shock
+        return float(np.exp(self.x))
+
+
 class Clock:
     """Each reading costs the engine a fifth of a millisecond; the rest is set below."""
 
@@ -56,23 +75,25 @@ class Clock:
         return self.now
 
 
-def simulate_time(clock: Clock, per_draft: float, trace: float, trace_per_draft: float) -> None:
+def simulate_time(
+    clock: Clock, per_draft: float, trace: float, trace_per_draft: float, speed: MachineSpeed
+) -> None:
     real_plain, real_round, real_step = PlainSteps.step, decode.run_round, RoundPipeline.step
     real_function = CompiledSteps._function
 
     def plain_step(steps):
         out = real_plain(steps)
-        clock.now += STEP
+        clock.now += STEP * speed()
         return out
 
     def run_round(rows, steps, k):
         out = real_round(rows, steps, k)
-        clock.now += STEP * (1 + ROUND_FIXED + per_draft * k)
+        clock.now += STEP * (1 + ROUND_FIXED + per_draft * k) * speed()
         return out
 
     def pipeline_step(pipeline, k_next):
         k, results = real_step(pipeline, k_next)
-        clock.now += STEP * (1 + ROUND_FIXED + per_draft * k)
+        clock.now += STEP * (1 + ROUND_FIXED + per_draft * k) * speed()
         return k, results
 
     def function(steps, signature, *args):
@@ -136,14 +157,21 @@ def answer_speed(clock: Clock, pair, prompt: list[int], n: int, k: int | None, m
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-draft", type=float, default=0.37)
-    parser.add_argument("--trace", type=float, default=0.7, help="plain steps a plain step's trace takes")
-    parser.add_argument("--trace-per-draft", type=float, default=0.45, help="plain steps more per draft")
+    parser.add_argument(
+        "--trace", type=float, default=0.7, help="plain steps a plain step's trace takes"
+    )
+    parser.add_argument(
+        "--trace-per-draft", type=float, default=0.45, help="plain steps more per draft"
+    )
     parser.add_argument("--tokens", type=int, default=300)
+    parser.add_argument("--noise", type=float, default=0.0, help="the machine's speed: log std dev")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     pair = load("demo")
     clock = Clock()
     # First: the recording measures its baseline on this clock too.
-    simulate_time(clock, args.per_draft, args.trace, args.trace_per_draft)
+    speed = MachineSpeed(args.noise, args.seed)
+    simulate_time(clock, args.per_draft, args.trace, args.trace_per_draft, speed)
     recorded = {
         w.name: (w.prompt, *hits_of(pair, w.prompt, args.tokens))
         for w in workloads(pair, args.tokens)
