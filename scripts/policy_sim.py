@@ -12,7 +12,7 @@ shape: a fresh process's, or a context outgrowing its buffer) `trace` + `trace_p
 plain steps (a round's graph holds K drafter steps), the reader READ per chunk. With `--noise`,
 every step and round costs that times the machine's speed of the moment, a random walk that
 reverts within some ten steps (the slow and fast spells of a shared machine: the policy times a
-length in one and goes by it in another). Drafts hit where the demo drafter's did: each
+length in one and goes by it in another), the same walk in every answer from its start. Drafts hit where the demo drafter's did: each
 workload of the pair bench is decoded once at K = 6 and the accepted positions kept (the
 simulated drafter of the bench then proposes the target's token exactly there). The default
 costs are the demo pair's own on the 2-core VM (its plain/round ratios: a round of K costs about
@@ -49,19 +49,26 @@ STEP, ROUND_FIXED, READ = 0.01, 0.05, 0.0005
 
 
 class MachineSpeed:
-    """A factor on what each step costs: exp(x), x an AR(1) walk with standard deviation `noise`
-    that keeps REVERT of itself per step."""
+    """A factor on what each step costs over an answer's simulated time: exp(x), x a walk with
+    standard deviation `noise` that keeps REVERT of itself from one plain step's time to the
+    next. Every answer meets the same walk from its start (`restart`): the variants are held to
+    one another on the same machine."""
 
-    REVERT = 0.9
+    REVERT, LENGTH = 0.9, 100_000
 
-    def __init__(self, noise: float, seed: int):
-        self.noise, self.x = noise, 0.0
-        self.random = np.random.default_rng(seed)
+    def __init__(self, clock, noise: float, seed: int):
+        shocks = np.random.default_rng(seed).normal(0.0, noise, self.LENGTH)
+        x = np.empty(self.LENGTH)
+        x[0] = shocks[0]
+        for i in range(1, self.LENGTH):
+            x[i] = self.REVERT * x[i - 1] + (1 - self.REVERT**2) ** 0.5 * shocks[i]
+        self.walk, self.clock, self.start = np.exp(x), clock, 0.0
+
+    def restart(self) -> None:
+        self.start = self.clock.now
 
     def __call__(self) -> float:
-        shock = self.random.normal(0.0, self.noise * (1 - self.REVERT**2) ** 0.5)
-        self.x = self.REVERT * self.x + shock
-        return float(np.exp(self.x))
+        return float(self.walk[min(int((self.clock.now - self.start) / STEP), self.LENGTH - 1)])
 
 
 class Clock:
@@ -143,8 +150,9 @@ def simulated(pair, proposals: Proposals):
     return dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
 
 
-def answer_speed(clock: Clock, pair, prompt: list[int], n: int, k: int | None, mtp=True):
+def answer_speed(clock: Clock, speed: MachineSpeed, pair, prompt, n: int, k: int | None, mtp=True):
     """(tokens per simulated second, the meter's baseline in tokens per second)."""
+    speed.restart()
     start, emitted, stats = None, 0, None
     for chunk in generate(pair, prompt, max_tokens=n, draft_tokens=k, mtp=mtp, ignore_eos=True):
         clock.now += READ
@@ -170,7 +178,7 @@ def main() -> None:
     pair = load("demo")
     clock = Clock()
     # First: the recording measures its baseline on this clock too.
-    speed = MachineSpeed(args.noise, args.seed)
+    speed = MachineSpeed(clock, args.noise, args.seed)
     simulate_time(clock, args.per_draft, args.trace, args.trace_per_draft, speed)
     recorded = {
         w.name: (w.prompt, *hits_of(pair, w.prompt, args.tokens))
@@ -179,15 +187,17 @@ def main() -> None:
     shares = {"fresh": [], "then": [], "then again": []}
     meters = []
     for name, (prompt, answer, hits) in recorded.items():
-        plain, _ = answer_speed(clock, pair, prompt, args.tokens, None, mtp=False)
+        plain, _ = answer_speed(clock, speed, pair, prompt, args.tokens, None, mtp=False)
         proposals = Proposals(prompt + answer, 1.0, pair.target.args.vocab_size, hits=hits)
         fixed = {
-            k: answer_speed(clock, simulated(pair, proposals), prompt, args.tokens, k)
+            k: answer_speed(clock, speed, simulated(pair, proposals), prompt, args.tokens, k)
             for k in range(1, 7)
         }
         best = max(tps for tps, _ in fixed.values())
         policy_pair = simulated(pair, proposals)  # one pair: what its answers learn carries over
-        policy = [answer_speed(clock, policy_pair, prompt, args.tokens, None) for _ in shares]
+        policy = [
+            answer_speed(clock, speed, policy_pair, prompt, args.tokens, None) for _ in shares
+        ]
         row = " ".join(f"K={k} {tps:5.1f}" for k, (tps, _) in fixed.items())
         said = " ".join(f"{label} {tps / best:.2f}" for label, (tps, _) in zip(shares, policy))
         print(f"{name:10s} plain {plain:5.1f} {row} | policy: {said}")
