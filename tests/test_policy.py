@@ -14,6 +14,7 @@ from gemma_mtp_mlx.engine.decode import BASELINE_AFTER, BASELINE_EVERY, BASELINE
 from gemma_mtp_mlx.engine.policy import (
     EXPLORE_ALLOWANCE,
     PARKED_PROBE_START,
+    REFRESH_EVERY,
     DraftPolicy,
     LossBudget,
     expected_tokens,
@@ -319,6 +320,31 @@ def test_policy_follows_what_rounds_really_cost():
     for _ in range(30):
         costs.observe_round(2, 1.2)
     assert policy.best(costs) == 2
+
+
+def test_a_length_timed_in_a_slow_spell_is_timed_again_now_and_then():
+    """A length's cost is what its rounds took when it last ran: a round of 3 timed in a slow
+    spell (2.1 s, truly 1.7) made rounds of 2 look best, and the policy drafted 2 for good.
+    Every REFRESH_EVERY drafting rounds one drafts a length next to the chosen one that is
+    measured and traced (never 1 here, whose step is not traced), and its fresh times bring the
+    policy to 3."""
+    costs = measured(1.0, {1: 1.4, 2: 1.5, 3: 2.1})
+    policy = DraftPolicy(max_draft=3)
+    for _ in range(30):
+        policy.observe(4, 4)
+
+    def traced(k):
+        return 0.0 if k in (0, 2, 3) else 5.0
+
+    chosen = []
+    for _ in range(8 * REFRESH_EVERY - 1):  # the last round of all refreshes
+        k = policy.choose(costs, limit=300, tracing=traced)
+        costs.observe_round(k, {2: 1.5, 3: 1.7}[k])
+        policy.observe(k, k)
+        chosen.append(k)
+    assert chosen[: REFRESH_EVERY - 1] == [2] * (REFRESH_EVERY - 1)
+    assert set(chosen) == {2, 3}
+    assert chosen[-REFRESH_EVERY + 1 :] == [3] * (REFRESH_EVERY - 1)
 
 
 def read(clock, chunks, reader_seconds: float):
