@@ -337,7 +337,7 @@ def test_a_length_timed_in_a_slow_spell_is_timed_again_now_and_then():
         return 0.0 if k in (0, 2, 3) else 5.0
 
     chosen = []
-    for _ in range(8 * REFRESH_EVERY - 1):  # the last round of all refreshes
+    for _ in range(8 * REFRESH_EVERY - 1):  # up to the eighth refresh, not past it
         k = policy.choose(costs, limit=300, tracing=traced)
         costs.observe_round(k, {2: 1.5, 3: 1.7}[k])
         policy.observe(k, k)
