@@ -12,9 +12,10 @@ shape: a fresh process's, or a context outgrowing its buffer) `trace` + `trace_p
 plain steps (a round's graph holds K drafter steps), the reader READ per chunk. With `--noise`,
 every step and round costs that times the machine's speed of the moment, a random walk that
 reverts within some ten steps (the slow and fast spells of a shared machine: the policy times a
-length in one and goes by it in another), the same walk in every answer from its start. Drafts hit where the demo drafter's did: each
-workload of the pair bench is decoded once at K = 6 and the accepted positions kept (the
-simulated drafter of the bench then proposes the target's token exactly there). The default
+length in one and goes by it in another), the same walk in every answer from its start. Drafts
+hit where the demo drafter's did: each workload of the pair bench is decoded once at K = 6 and
+the accepted positions kept (the simulated drafter of the bench then proposes the target's token
+exactly there). The default
 costs are the demo pair's own on the 2-core VM (its plain/round ratios: a round of K costs about
 1 + 0.37 K plain steps; a plain step's graph traces in 6-7 ms, a round's in some 4 ms more per
 draft: 10-29 ms for K = 1..6). Each fixed K and the policy's first answer decode with a drafter
