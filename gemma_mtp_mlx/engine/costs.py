@@ -60,7 +60,7 @@ PRIOR_ROUND, PRIOR_PER_DRAFT = 1.2, 0.25
 # plain step is taken to be out of date (the meter is held to within 10 % of plain decoding).
 DRIFT = 0.1
 SETTLE = 8  # rounds of a K after a plain step that set what it is held to
-MEAN_STEPS = 5  # a measurement's steps averaged alike (then weighted as DECAY weighs the past)
+MEDIAN_STEPS = 5  # a measurement's steps taken by their median (then a decayed average)
 POOL = 3  # plain/round ratios kept per K (their median), few enough to follow the context
 # With nothing trusted yet, measurements follow one another until two in a row agree within
 # DRIFT (a fresh process's first plain steps run slow, for a few steps or for dozens), the
@@ -74,8 +74,9 @@ def _average(old: float | None, new: float) -> float:
 
 @dataclass
 class RowCosts:
-    plain: float | None = None  # the latest measurement: the mean of its steps
+    plain: float | None = None  # the latest measurement: the median of its steps
     plain_count: int = 0  # steps in it so far (0: the next plain step starts a new measurement)
+    plain_steps: list[float] = field(default_factory=list)  # its first MEDIAN_STEPS steps
     rounds: dict[int, float] = field(default_factory=dict)
     # Since the latest plain step, per K: its first SETTLE round times, their median once all
     # are in, and a decayed average.
@@ -110,12 +111,19 @@ class RowCosts:
             self.provisional, self.warm_up = False, []
 
     def observe_plain(self, seconds: float) -> None:
-        # The mean of a measurement's steps (its first does not outweigh the rest); past
-        # MEAN_STEPS, as in a long parked stretch, a decayed average that follows the context.
+        # The median of a measurement's steps: the first after rounds runs slower than the rest
+        # (by 4 % in the median of 87 measurements on the development VM), and one step caught
+        # in a hiccup moves nothing. Past MEDIAN_STEPS, as in a long parked stretch, a decayed
+        # average that follows the context.
         self.plain_count += 1
         self.carried = False
-        weight = 1 / min(self.plain_count, MEAN_STEPS)
-        self.plain = seconds if self.plain_count == 1 else self.plain + (seconds - self.plain) * weight
+        if self.plain_count == 1:
+            self.plain_steps = []
+        if self.plain_count <= MEDIAN_STEPS:
+            self.plain_steps.append(seconds)
+            self.plain = median(self.plain_steps)
+        else:
+            self.plain += (seconds - self.plain) / MEDIAN_STEPS
         self.first_since_plain, self.settled, self.since_plain = {}, {}, {}
 
     def observe_round(self, k: int, seconds: float, warm: bool = True) -> None:
