@@ -160,7 +160,7 @@ def test_the_ideal_replays_the_rounds_the_engine_really_runs(tiny_pairs, monkeyp
     proposals = Proposals(PROMPT + plain, 0.7, pair.target.args.vocab_size, seed=3)
     simulated = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
     for _ in range(2):  # measures the baseline (the first time provisionally)
-        run_ours(simulated, PROMPT, 20, mtp=True, k=3)
+        run_ours(simulated, PROMPT, 30, mtp=True, k=3)
     for k in (1, 3, 4):
         run = run_ours(simulated, PROMPT, 80, mtp=True, k=k)
         assert [d for d, _ in run.rounds] == costs.replayed_rounds(proposals.hits, len(PROMPT), 80, k)
