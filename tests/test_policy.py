@@ -10,7 +10,12 @@ import pytest
 
 from gemma_mtp_mlx import generate
 from gemma_mtp_mlx.engine.costs import DRIFT, POOL, SETTLE, RowCosts, measurements_for
-from gemma_mtp_mlx.engine.decode import BASELINE_AFTER, BASELINE_EVERY, BASELINE_STEPS, SETTLING_STEPS
+from gemma_mtp_mlx.engine.decode import (
+    BASELINE_AFTER,
+    BASELINE_EVERY,
+    BASELINE_STEPS,
+    SETTLING_STEPS,
+)
 from gemma_mtp_mlx.engine.policy import (
     EXPLORE_ALLOWANCE,
     PARKED_PROBE_START,

@@ -16,9 +16,8 @@ run slower than the rest) and every BASELINE_EVERY rounds after, the decoder che
 pair's plain step for this many rows is still current: that rounds cost what they did just
 after it was measured (`RowCosts.stale`). If not, the next rounds are plain steps
 (BASELINE_STEPS after the one that fills the pipeline and SETTLING_STEPS), which costs only
-those rounds' missed
-drafting, and only when the machine or the context has changed. Parked rounds are samples
-too. Each round carries the plain steps its time is worth (a steady plain step one, a round of
+those rounds' missed drafting, and only when the machine or the context has changed. Parked
+rounds are samples too. Each round carries the plain steps its time is worth (a steady plain step one, a round of
 K the inverse of K's measured plain/round ratio), from which each answer's meter takes its
 baseline; an answer with none of those shows the pair's plain step now
 (`RowCosts.current_plain`), and says so. Counting rounds rather than tokens keeps the rows of a
@@ -288,9 +287,9 @@ class Decoder:
         # first; a fixed K drafts on, and measures once the answer's first rounds are over.
         untrusted = not costs.trusted and (self.fixed_k is None or not cold)
         if (untrusted or (bool(checked) and costs.stale)) and not self.baseline_left:
-            # + the steps that fill and settle the plain pipeline, and the one that reads a round
-            # in flight
-            filling = (1 + SETTLING_STEPS) * (self.plain is None)
+            # + the steps that fill and settle the plain pipeline (what is left of them), and the
+            # one that reads a round in flight
+            filling = 1 + SETTLING_STEPS if self.plain is None else self.settling
             self.baseline_left = BASELINE_STEPS + filling + (self.rounds is not None)
             costs.start_measurement(provisional=cold or not costs.trusted)
         self.measuring = bool(self.baseline_left)
