@@ -111,10 +111,10 @@ class RowCosts:
             self.provisional, self.warm_up = False, []
 
     def observe_plain(self, seconds: float) -> None:
-        # The median of a measurement's steps: the first after rounds runs slower than the rest
-        # (by 4 % in the median of 87 measurements on the development VM), and one step caught
-        # in a hiccup moves nothing. Past MEDIAN_STEPS, as in a long parked stretch, a decayed
-        # average that follows the context.
+        # The median of a measurement's steps: one step caught in a hiccup moves nothing (the
+        # first steps of a plain pipeline, which run slower than the rest, are not timed:
+        # SETTLING_STEPS in engine/decode.py). Past MEDIAN_STEPS, as in a long parked stretch, a
+        # decayed average that follows the context.
         self.plain_count += 1
         self.carried = False
         if self.plain_count == 1:

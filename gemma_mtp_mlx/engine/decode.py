@@ -17,9 +17,9 @@ pair's plain step for this many rows is still current: that rounds cost what the
 after it was measured (`RowCosts.stale`). If not, the next rounds are plain steps
 (BASELINE_STEPS after the one that fills the pipeline and SETTLING_STEPS), which costs only
 those rounds' missed drafting, and only when the machine or the context has changed. Parked
-rounds are samples too. Each round carries the plain steps its time is worth (a steady plain step one, a round of
-K the inverse of K's measured plain/round ratio), from which each answer's meter takes its
-baseline; an answer with none of those shows the pair's plain step now
+rounds are samples too. Each round carries the plain steps its time is worth (a steady plain
+step one, a round of K the inverse of K's measured plain/round ratio), from which each answer's
+meter takes its baseline; an answer with none of those shows the pair's plain step now
 (`RowCosts.current_plain`), and says so. Counting rounds rather than tokens keeps the rows of a
 batch on the schedule each would have alone (they start together and share every round).
 
