@@ -14,6 +14,7 @@ A sampling row draws from a key split off its own stream once per step, inside t
 import time
 import weakref
 from collections import OrderedDict
+from functools import lru_cache
 from statistics import linear_regression, mean
 
 import mlx.core as mx
@@ -114,11 +115,8 @@ class CompiledSteps:
             return 0.0
         if k in self.traced_drafts:
             return self.traced_drafts[k]
-        drafts, seconds = zip(*self.traced_drafts.items())
-        if len(drafts) == 1:
-            return seconds[0]
-        slope, intercept = linear_regression(drafts, seconds)
-        return max(0.0, intercept + slope * k) if slope > 0 else mean(seconds)
+        slope, intercept = _trace_line(tuple(self.traced_drafts.items()))
+        return max(0.0, intercept + slope * k)
 
     def _run(self, kind: tuple, work, rows: list[Row], length: int, tokens, hidden, offsets=None):
         """`work` over `rows`' caches as one compiled call that writes `length` new positions
@@ -184,6 +182,19 @@ class CompiledSteps:
         if len(self.functions) > MAX_FUNCTIONS:
             self.functions.popitem(last=False)
         return function
+
+
+@lru_cache(maxsize=4)
+def _trace_line(traced: tuple) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line through the traces (draft length, seconds),
+    level at their mean where it does not rise (one trace, or noise). Fitted once per set of
+    traces: the policy asks for untraced lengths every round."""
+    drafts, seconds = zip(*traced)
+    if len(drafts) > 1:
+        slope, intercept = linear_regression(drafts, seconds)
+        if slope > 0:
+            return slope, intercept
+    return 0.0, mean(seconds)
 
 
 def _signature(kind: tuple, rows: list[Row]) -> tuple:
