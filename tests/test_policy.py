@@ -4,12 +4,13 @@ real rounds (synthetic figures here), and what the decoder times, under a contro
 import dataclasses
 import math
 import re
+from collections import deque
 
 import numpy as np
 import pytest
 
 from gemma_mtp_mlx import generate
-from gemma_mtp_mlx.engine.costs import DRIFT, POOL, SETTLE, RowCosts, measurements_for
+from gemma_mtp_mlx.engine.costs import DRIFT, POOL, SETTLE, Measurements, RowCosts, measurements_for
 from gemma_mtp_mlx.engine.decode import (
     BASELINE_AFTER,
     BASELINE_EVERY,
@@ -24,6 +25,7 @@ from gemma_mtp_mlx.engine.policy import (
     LossBudget,
     expected_tokens,
 )
+from gemma_mtp_mlx.engine.stored_costs import restore, snapshot
 from gemma_mtp_mlx.tools.bench.simulated import Proposals, SimulatedDrafter
 
 PROMPT = [2, 40, 77, 301, 12]
@@ -332,6 +334,35 @@ def test_policy_follows_what_rounds_really_cost():
     for _ in range(30):
         costs.observe_round(2, 1.2)
     assert policy.best(costs) == 2
+
+
+def test_lengths_stored_by_an_earlier_process_move_with_the_machine_s_pace_now():
+    """Round costs carried from an earlier process were timed in its moment. Where the length
+    this process drafts costs 15 % more than stored, the machine runs 15 % slower: so do the
+    lengths it has not run yet and the plain step. Held at their stored figures, rounds of 1 and
+    2 would look cheap next to rounds of 3 timed now, and the policy would leave 3 for them."""
+    earlier = Measurements()
+    stored = {1: 1.5, 2: 2.0, 3: 2.4}
+    earlier.by_rows[1] = RowCosts(
+        plain=1.0, rounds=dict(stored), ratios={k: deque([1.0 / s]) for k, s in stored.items()}
+    )
+    earlier.policy.accepted, earlier.policy.seen = [16.0] * 6, [20.0] * 6  # 0.8 at every position
+    now = Measurements()
+    restore(now, snapshot(earlier))
+    costs = now.rows(1)
+    assert now.policy.best(costs) == 3 and costs.current_plain == pytest.approx(1.0)
+    for _ in range(30):
+        costs.observe_round(3, 2.4 * 1.15)
+    assert costs.pace == pytest.approx(1.15, rel=1e-3)
+    assert costs.round_seconds(1) == pytest.approx(1.5 * 1.15, rel=1e-3)
+    assert costs.current_plain == pytest.approx(1.15, rel=1e-3)
+    assert now.policy.best(costs) == 3
+    # A length run here is its own measure; the next process starts from this one's pace.
+    costs.observe_round(1, 1.5 * 1.15)
+    assert costs.round_seconds(1) == pytest.approx(1.5 * 1.15, rel=1e-3)
+    later = Measurements()
+    restore(later, snapshot(now))
+    assert later.rows(1).rounds == pytest.approx({1: 1.5 * 1.15, 2: 2.0 * 1.15, 3: 2.4 * 1.15}, rel=1e-3)
 
 
 def test_a_length_timed_in_a_slow_spell_is_timed_again_now_and_then():

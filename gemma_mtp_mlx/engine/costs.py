@@ -37,7 +37,9 @@ step (`settled`), as the last one left them (`carried`). Its warm rounds are hel
 so the drift rule measures again where this process differs; a carried plain step goes into no
 ratio with this process's rounds. A ratio resting on fewer than POOL measurements is measured
 once more by each process that drafts its K, until it rests on POOL: one process's unlucky
-moment must not count the rounds of every process after it.
+moment must not count the rounds of every process after it. Carried round costs were timed in
+that process's moment: the lengths this process runs say how much slower or faster the machine
+runs now, and those it has not run yet (and the plain step, through their ratios) move with them.
 
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
@@ -95,6 +97,14 @@ class RowCosts:
     # The plain step and `settled` come from an earlier process (engine/stored_costs.py); this
     # process has not taken a plain step yet.
     carried: bool = False
+    # The round costs an earlier process stored, as it stored them. What the lengths this process
+    # has run (`ran`) cost now over those is how much slower or faster the machine runs now
+    # (`pace`, their median), and a length not run yet is taken to have moved with them: held at
+    # what it cost in another process's moment, it looks cheap next to lengths timed in a slow
+    # one (a fresh process 13 % slower drafted 1 and 2 in turn, a trace each, where 3 paid best).
+    carried_rounds: dict[int, float] = field(default_factory=dict)
+    ran: set[int] = field(default_factory=set)
+    pace: float = 1.0
 
     def start_measurement(self, provisional: bool) -> None:
         """The next plain steps measure `plain` anew: a stale figure is not averaged in."""
@@ -130,7 +140,11 @@ class RowCosts:
         """`warm`: no row is in its first rounds after a prefill, which run slower than the rest;
         only warm rounds are held against the plain step (a cold one would pass for a slower
         machine, or make a plain step measured before it look cheap)."""
-        self.rounds[k] = _average(self.rounds.get(k), seconds)
+        self.rounds[k] = _average(self.round_now(k) if k in self.rounds else None, seconds)
+        self.ran.add(k)
+        if k in self.carried_rounds:
+            both = self.ran & self.carried_rounds.keys()
+            self.pace = median(self.rounds[j] / self.carried_rounds[j] for j in both)
         if not warm:
             return
         self.since_plain[k] = _average(self.since_plain.get(k), seconds)
@@ -193,7 +207,7 @@ class RowCosts:
         rounds cannot say it."""
         if self.plain is None:
             return None
-        now = [self.plain_ratio(k) * self.rounds[k] for k in self.ratios]
+        now = [self.plain_ratio(k) * self.round_now(k) for k in self.ratios]
         return median(now) if now else self.plain
 
     @property
@@ -201,30 +215,39 @@ class RowCosts:
         """`current_plain` once it is `trusted` (None before)."""
         return self.current_plain if self.trusted else None
 
+    def round_now(self, k: int) -> float:
+        """What a round of a length run before costs now (carried ones at this process's pace)."""
+        return self.rounds[k] if k in self.ran else self.rounds[k] * self.pace
+
+    @property
+    def rounds_now(self) -> dict[int, float]:
+        return {k: self.round_now(k) for k in self.rounds}
+
     def round_seconds(self, k: int) -> float:
         """Expected wall time of a round with K drafts (K = 0: a plain step). Needs `plain`."""
         if k in self.rounds:  # the common case: no plain step to work out (the policy asks per K)
-            return self.rounds[k]
+            return self.round_now(k)
         plain = self.current_plain
         if k == 0:
             return plain
-        known = sorted(self.rounds)
+        rounds = self.rounds_now
+        known = sorted(rounds)
         if not known:
             return plain * (PRIOR_ROUND + PRIOR_PER_DRAFT * k)
         below = [j for j in known if j < k]
         above = [j for j in known if j > k]
         if below and above:
             lo, hi = below[-1], above[0]
-            return self.rounds[lo] + (self.rounds[hi] - self.rounds[lo]) * (k - lo) / (hi - lo)
+            return rounds[lo] + (rounds[hi] - rounds[lo]) * (k - lo) / (hi - lo)
         near = below[-2:] if below else above[:2]
         slope = plain * PRIOR_PER_DRAFT
-        if len(near) == 2 and self.rounds[near[1]] > self.rounds[near[0]]:
+        if len(near) == 2 and rounds[near[1]] > rounds[near[0]]:
             # (a longer round measured cheaper is noise: past it, drafts are not free)
-            slope = (self.rounds[near[1]] - self.rounds[near[0]]) / (near[1] - near[0])
+            slope = (rounds[near[1]] - rounds[near[0]]) / (near[1] - near[0])
         j = near[-1] if below else near[0]
         # A round with drafts costs at least a plain step (its verify is a forward of 2+ tokens);
         # extrapolating down a steep, noisy slope could otherwise reach zero.
-        return max(plain, self.rounds[j] + slope * (k - j))
+        return max(plain, rounds[j] + slope * (k - j))
 
 
 class Measurements:

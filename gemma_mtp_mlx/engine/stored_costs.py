@@ -217,7 +217,7 @@ def snapshot(m: Measurements) -> dict:
         rows[str(b)] = {
             "plain": c.plain,
             "provisional": c.provisional,
-            "rounds": {str(k): s for k, s in c.rounds.items()},
+            "rounds": {str(k): s for k, s in c.rounds_now.items()},
             "settled": {str(k): s for k, s in c.settled.items()},
             "ratios": {str(k): list(pool) for k, pool in c.ratios.items()},
         }
@@ -258,10 +258,13 @@ def _row(row: dict) -> RowCosts:
     if not isinstance(c.provisional, bool):
         raise ValueError("provisional")
     c.rounds, c.settled = ks(row["rounds"]), ks(row["settled"])
+    c.carried_rounds = dict(c.rounds)
     for k, pool in row["ratios"].items():
         if not isinstance(pool, list) or not 0 < len(pool) <= POOL:
             raise ValueError("ratios")
         c.ratios[_k(k)] = deque((_positive(r) for r in pool), maxlen=POOL)
+    if not c.ratios.keys() <= c.rounds.keys():  # a ratio is a plain step over rounds of its K
+        raise ValueError("ratios")
     return c
 
 
