@@ -166,6 +166,7 @@ def test_a_damaged_or_foreign_file_is_ignored_and_replaced(pair, notes, content,
         lambda e: e["rows"]["1"].update(plain=-1.0),
         lambda e: e["rows"]["1"].update(plain="fast"),
         lambda e: e["rows"]["1"]["ratios"].update({"2": []}),
+        lambda e: e["rows"]["1"]["ratios"].update({"4": [0.5]}),  # no rounds of 4 to go by
         lambda e: e["rows"]["1"]["rounds"].update({"0": 0.1}),
         lambda e: e["policy"].update(seen=[1.0]),
         lambda e: e["policy"].update(accepted=[9.0] * 6),
