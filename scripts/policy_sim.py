@@ -1,7 +1,7 @@
 """The draft policy against fixed draft lengths, on a clock that only this script moves.
 
     .venv/bin/python scripts/policy_sim.py [--per-draft 0.37] [--trace 0.7] [--trace-per-draft 0.45]
-        [--tokens 300] [--noise 0.15 --seed 1]
+        [--tokens 300] [--noise 0.15 --seed 1] [--stored]
 
 On a busy machine the same answer twice differs by more than the policy's shortfall, so the pair
 bench cannot tell a better policy from a luckier run. Here the engine decodes for real (the
@@ -25,6 +25,10 @@ Printed per workload: tokens per simulated second of plain decoding and each fix
 the policy three times in a row in one process, its first answer with nothing learned ("fresh")
 and the two after, each as a share of the best fixed K; then how far the meter's baseline in
 every MTP answer was from plain decoding's simulated speed.
+
+With `--stored`, the fresh-process bench with a stored file instead (`stored_file_runs`): each
+answer a process of its own that starts from the costs the one before it stored, plain, K = 1,
+K = 3 and the policy three times in turn after a first pass that writes the file; medians.
 """
 
 import argparse
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gemma_mtp_mlx import generate, load  # noqa: E402
 from gemma_mtp_mlx.engine import decode, stored_costs  # noqa: E402
 from gemma_mtp_mlx.engine import steps as steps_module  # noqa: E402
+from gemma_mtp_mlx.engine.costs import measurements_for  # noqa: E402
 from gemma_mtp_mlx.engine.plain import PlainSteps  # noqa: E402
 from gemma_mtp_mlx.engine.rounds import RoundPipeline  # noqa: E402
 from gemma_mtp_mlx.engine.steps import CompiledSteps  # noqa: E402
@@ -65,8 +70,9 @@ class MachineSpeed:
             x[i] = self.REVERT * x[i - 1] + (1 - self.REVERT**2) ** 0.5 * shocks[i]
         self.walk, self.clock, self.start = np.exp(x), clock, 0.0
 
-    def restart(self) -> None:
-        self.start = self.clock.now
+    def restart(self, offset: int = 0) -> None:
+        """The walk from its start, or from `offset` plain steps' time into it."""
+        self.start = self.clock.now - offset * STEP
 
     def __call__(self) -> float:
         return float(self.walk[min(int((self.clock.now - self.start) / STEP), self.LENGTH - 1)])
@@ -151,9 +157,12 @@ def simulated(pair, proposals: Proposals):
     return dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
 
 
-def answer_speed(clock: Clock, speed: MachineSpeed, pair, prompt, n: int, k: int | None, mtp=True):
-    """(tokens per simulated second, the meter's baseline in tokens per second)."""
-    speed.restart()
+def answer_speed(
+    clock: Clock, speed: MachineSpeed, pair, prompt, n: int, k: int | None, mtp=True, offset=0
+):
+    """(tokens per simulated second, the meter's baseline in tokens per second); the machine's
+    walk from `offset` on."""
+    speed.restart(offset)
     start, emitted, stats = None, 0, None
     for chunk in generate(pair, prompt, max_tokens=n, draft_tokens=k, mtp=mtp, ignore_eos=True):
         clock.now += READ
@@ -161,6 +170,51 @@ def answer_speed(clock: Clock, speed: MachineSpeed, pair, prompt, n: int, k: int
         emitted += len(chunk.token_ids)
         stats = chunk.stats
     return (emitted - 1) / (clock.now - start), stats.baseline_tokens_per_second
+
+
+def process(clock, speed, pair, prompt, n: int, k: int | None, stored: dict | None, offset: int):
+    """One answer as a fresh process with a stored file gives it: `pair` new to this script (its
+    own costs and compiled steps, so it traces as a process does) starting from `stored`, the
+    machine's walk from `offset`. (tokens per second, baseline, what it stores)."""
+    measurements = measurements_for(pair.target, pair.drafter, True)
+    if stored is not None:
+        stored_costs.restore(measurements, stored)
+    tps, baseline = answer_speed(clock, speed, pair, prompt, n, k, offset=offset)
+    return tps, baseline, stored_costs.snapshot(measurements)
+
+
+def stored_file_runs(clock, speed, pair, recorded, n: int) -> None:
+    """The fresh-process bench with a stored file: per workload, each variant in its own process,
+    all sharing one file (a first pass writes it), three alternated repeats; medians. Each
+    repeat meets the machine at another point of its walk, as processes run minutes apart do
+    (the variants of one repeat at the same point: they are held to one another)."""
+    ratios, meters = [], []
+    for name, (prompt, answer, hits) in recorded.items():
+        proposals = Proposals(prompt + answer, 1.0, pair.target.args.vocab_size, hits=hits)
+        stored, runs = None, {"plain": [], 1: [], 3: [], None: []}
+        for repeat in range(4):  # the first writes the file
+            offset = 1000 * repeat
+            plain, _ = answer_speed(clock, speed, pair, prompt, n, None, mtp=False, offset=offset)
+            for k in (1, 3, None):
+                fresh = simulated(pair, proposals)
+                tps, baseline, stored = process(clock, speed, fresh, prompt, n, k, stored, offset)
+                if repeat:
+                    runs[k].append((tps, baseline))
+            if repeat:
+                runs["plain"].append((plain, None))
+        med = {k: statistics.median(tps for tps, _ in v) for k, v in runs.items()}
+        best = max(med[1], med[3])
+        said = " ".join(f"K={k} {med[k]:5.1f}" for k in (1, 3))
+        print(
+            f"{name:10s} plain {med['plain']:5.1f} {said} policy {med[None]:5.1f}: "
+            f"{med[None] / best:.2f} of the best fixed K, {med[None] / med['plain']:.2f}x plain"
+        )
+        ratios.append(med[None] / best)
+        baselines = [statistics.median(b for _, b in runs[k] if b) / med["plain"] for k in (1, 3, None)]
+        print(f"{'':10s} baselines / plain: " + " ".join(f"{b:.2f}" for b in baselines))
+        meters += baselines
+    print(f"stored file: policy / best fixed K: lowest {min(ratios):.2f}, mean {statistics.mean(ratios):.2f}")
+    print(f"stored file: the meter's baseline / plain decoding (medians): {min(meters):.3f}-{max(meters):.3f}")
 
 
 def main() -> None:
@@ -175,6 +229,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--noise", type=float, default=0.0, help="the machine's speed: log std dev")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stored", action="store_true", help="fresh processes sharing a stored file instead"
+    )
     args = parser.parse_args()
     pair = load("demo")
     clock = Clock()
@@ -185,6 +242,9 @@ def main() -> None:
         w.name: (w.prompt, *hits_of(pair, w.prompt, args.tokens))
         for w in workloads(pair, args.tokens)
     }
+    if args.stored:
+        stored_file_runs(clock, speed, pair, recorded, args.tokens)
+        return
     shares = {"fresh": [], "then": [], "then again": []}
     meters = []
     for name, (prompt, answer, hits) in recorded.items():
