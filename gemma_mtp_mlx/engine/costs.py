@@ -100,8 +100,8 @@ class RowCosts:
     # The round costs an earlier process stored, as it stored them. What the lengths this process
     # has run (`ran`) cost now over those is how much slower or faster the machine runs now
     # (`pace`, their median), and a length not run yet is taken to have moved with them: held at
-    # what it cost in another process's moment, it looks cheap next to lengths timed in a slow
-    # one (a fresh process 13 % slower drafted 1 and 2 in turn, a trace each, where 3 paid best).
+    # what it cost in another process's moment, it would look cheap next to lengths timed in a
+    # slow one, and the policy would leave the best length for it (and trace it).
     carried_rounds: dict[int, float] = field(default_factory=dict)
     ran: set[int] = field(default_factory=set)
     pace: float = 1.0
