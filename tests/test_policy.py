@@ -399,6 +399,13 @@ def read(clock, chunks, reader_seconds: float):
     return out
 
 
+def hitting(pair, text: list[int], hits: np.ndarray):
+    """`pair` with a simulated drafter that proposes `text`'s next token where `hits` says, and
+    misses elsewhere."""
+    proposals = Proposals(text, 1.0, pair.target.args.vocab_size, hits=hits)
+    return dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
+
+
 def test_plain_decoding_times_what_its_reader_waits_and_measures_its_own_baseline(pairs, clock):
     """Each step's time runs from the previous tokens out to these (the reader's time
     included, as --no-mtp would measure it); every step but those that fill and settle the
@@ -628,9 +635,7 @@ def test_the_budget_never_parks_drafting_that_wins(pairs, clock):
     pair = pairs[("dense", False)]
     n = 120
     plain = [t for c in generate(pair, PROMPT, max_tokens=n, ignore_eos=True, mtp=False) for t in c.token_ids]
-    hits = np.ones(len(PROMPT) + n, dtype=bool)
-    proposals = Proposals(PROMPT + plain, 1.0, pair.target.args.vocab_size, hits=hits)
-    pair = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
+    pair = hitting(pair, PROMPT + plain, np.ones(len(PROMPT) + n, dtype=bool))
     chunks = read(clock, generate(pair, PROMPT, max_tokens=n, ignore_eos=True), 0.01)
     rounds = [c.round for c in chunks[1:]]
     first = next(i for i, r in enumerate(rounds) if r.drafted)
@@ -648,8 +653,7 @@ def test_a_stretch_the_drafter_misses_does_not_park_a_good_answer_for_the_rest(p
     hits = np.ones(len(PROMPT) + n, dtype=bool)
     stretch_end = len(PROMPT) + 124
     hits[stretch_end - 24 : stretch_end] = False
-    proposals = Proposals(PROMPT + plain, 1.0, pair.target.args.vocab_size, hits=hits)
-    simulated = dataclasses.replace(pair, drafter=SimulatedDrafter(pair.drafter, proposals))
+    simulated = hitting(pair, PROMPT + plain, hits)
     round_cost(lambda k: 0.011 * 0.3 * k)
     chunks = read(clock, generate(simulated, PROMPT, max_tokens=n, ignore_eos=True), 0.01)
     assert [t for c in chunks for t in c.token_ids] == plain
@@ -675,12 +679,10 @@ def test_an_answer_that_opens_with_misses_drafts_on_what_earlier_answers_banked(
     second = [t for c in generate(pair, follow_up, max_tokens=n, ignore_eos=True, mtp=False) for t in c.token_ids]
     hits = np.ones(len(follow_up) + n, dtype=bool)
     hits[len(follow_up) : len(follow_up) + 8] = False  # the second answer's first eight positions
-    proposals = Proposals(follow_up + second, 1.0, pair.target.args.vocab_size, hits=hits)
-    drafter = SimulatedDrafter(pair.drafter, proposals)
-    simulated = dataclasses.replace(pair, drafter=drafter)
+    simulated = hitting(pair, follow_up + second, hits)
     round_cost(lambda k: 0.011 * 0.3 * k)
     read(clock, generate(simulated, PROMPT, max_tokens=n, ignore_eos=True), 0.01)
-    budget = measurements_for(simulated.target, drafter, simulated.compile).budget
+    budget = measurements_for(simulated.target, simulated.drafter, simulated.compile).budget
     assert budget.balance > 2 * EXPLORE_ALLOWANCE  # its rounds won
     chunks = read(clock, generate(simulated, follow_up, max_tokens=n, ignore_eos=True), 0.01)
     assert [t for c in chunks for t in c.token_ids] == second
