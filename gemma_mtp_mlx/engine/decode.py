@@ -42,6 +42,7 @@ from .context import Context
 from .costs import RowCosts, measurements_for
 from .plain import PlainSteps
 from .policy import POLICY_MAX_DRAFT
+from .round_timing import PipelineStep, RoundTiming
 from .rounds import RoundPipeline
 from .sampling import Sampler
 from .speculative import Row, run_round
@@ -121,6 +122,7 @@ class Decoder:
         self.settling = 0  # the plain pipeline's steps still to run before its steps are timed
         # Compiled steps queue each round before the previous one is read (engine/rounds.py).
         self.rounds: RoundPipeline | None = None
+        self.round_timing = RoundTiming()  # what the pipeline's steps time (one per pipeline)
         self.baseline_left = 0  # plain steps still to run for the baseline measurement
         self.measuring = False  # this round is one of them
         self.plain_measuring = False  # the latest plain step was
@@ -225,10 +227,12 @@ class Decoder:
         flight and queue the next of `k` drafts first (0: none, the pipeline ends)."""
         by_row = {s.row: s for s in self.streams}
         traces, traced_seconds = self.steps.traces, self.steps.trace_seconds
+        queued = None  # the drafts of the round queued behind this one (eager rounds: none)
         if isinstance(self.steps, CompiledSteps):
-            if self.rounds is None or self.rounds.inflight is None:
+            first = self.rounds is None or self.rounds.inflight is None
+            if first:
                 self.rounds = RoundPipeline([s.row for s in self.streams], self.steps, k)
-                timed = False  # this round was built while the device waited, as no other is
+                self.round_timing = RoundTiming()
             timed = timed and self.rounds.inflight.whole
             rows = list(self.rounds.inflight.rows)
             # A parked policy's probe is one round: none queued behind it on its decision. Near
@@ -237,6 +241,7 @@ class Decoder:
             probe = self.fixed_k is None and self.measurements.policy.probing
             ahead = k <= self._room(self.rounds.inflight.k + 1) and not probe
             k, results = self.rounds.step(k if ahead else 0)
+            queued = self.rounds.inflight.k if self.rounds.inflight is not None else 0
             if self.rounds.inflight is None:
                 self.rounds = None
         else:
@@ -245,15 +250,18 @@ class Decoder:
         end = clock()
         streams = [by_row[r] for r in rows]
         # After a hand-over the round's time lacks the reader's work; tracing a new step's graph
-        # is no round's cost; nor is an interval of half a plain step or less (a round verifies
-        # two tokens or more): the read alone of a pipeline's last round, which ran while the
-        # step before was read.
+        # is no round's cost; a pipeline's step times the round engine/round_timing.py says.
         traced = self.steps.traces != traces
         plain = costs.current_plain
-        read_after_it_ran = plain is not None and end - self.last_end <= plain / 2
-        if timed and not traced and not read_after_it_ran:
+        timing = (k, end - self.last_end) if timed and not traced else None
+        if queued is not None:
+            step = PipelineStep(k, queued, end - self.last_end, first, timed, traced)
+            timing = self.round_timing.round_of(
+                step, lambda j: costs.round_now(j) if j in costs.rounds else None, plain
+            )
+        if timing is not None:
             warm = all(s.stats.rounds >= BASELINE_AFTER for s in streams)
-            costs.observe_round(k, end - self.last_end, warm)
+            costs.observe_round(*timing, warm)
         for r in results:
             self.measurements.policy.observe(k, r.accepted)
         # The loss budget weighs a round's interval against the plain step of these rows (the
