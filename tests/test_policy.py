@@ -234,6 +234,18 @@ def test_a_draft_length_not_traced_yet_must_win_its_trace_back():
     assert policy.choose(costs, limit=300, tracing=tracing(500.0)) == 2
 
 
+def test_a_length_not_traced_yet_must_promise_more_than_its_guess_may_be_off():
+    """A length not run yet is priced by guesses (a cost extrapolated from other lengths,
+    acceptance taken from the positions reached), and its trace is certain: a few percent ahead
+    by those guesses does not trace it (TRACE_MARGIN); traced, it is drafted."""
+    costs = measured(1.0, {2: 1.14, 3: 1.475})  # every draft hits: rounds of 3 are 3 % ahead
+    policy = DraftPolicy(max_draft=3)
+    for _ in range(30):
+        policy.observe(3, 3)
+    assert policy.choose(costs, limit=300, tracing=lambda k: 0.0) == 3
+    assert policy.choose(costs, limit=300, tracing=lambda k: 0.01 if k == 3 else 0.0) == 2
+
+
 def test_positions_never_reached_look_like_the_deepest_reached():
     """Rounds of 4 drafts that all hit say nothing about a fifth; it is taken to be as likely as
     the fourth, so the policy tries 5 when the costs say a fifth draft is nearly free (and
@@ -803,4 +815,8 @@ def test_a_parked_policy_probes_the_length_it_drafted_last():
     assert policy.best(costs) == 0 and _favoured(policy.rates(costs)) == 1
     choices = [policy.choose(costs, limit=10) for _ in range(PARKED_PROBE_START)]
     assert choices == [0] * (PARKED_PROBE_START - 1) + [3]
-    assert policy.probe_length(costs, limit=2) == 2
+    # Near an answer's end, with no room for 3 drafts, no probe: one of 2 would ask nothing about
+    # rounds of 3, and could trace a step for the last few tokens.
+    assert policy.probe_length(costs, limit=2) == 0
+    policy.parked_rounds = PARKED_PROBE_START
+    assert policy.choose(costs, limit=2) == 0 and not policy.probing

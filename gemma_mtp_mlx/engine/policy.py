@@ -5,7 +5,8 @@ decoding. Both are kept per model pair, across answers.
 With a_i the running probability that draft i is accepted once drafts 1..i-1 were, a round of
 K drafts emits E(K) = 1 + sum_{j<=K} prod_{i<=j} a_i tokens in C(K) seconds (costs.py); plain
 decoding emits 1 per pipelined plain step. The policy picks the K with the highest E(K) / C(K),
-a K whose compiled step is not traced yet charged its trace over the tokens it has to pay it back.
+a K whose compiled step is not traced yet charged its trace over the tokens it has to pay it back
+and a margin for its rate being a guess.
 K goes at most one draft past the longest round measured: further out its cost is a guess.
 What a length costs is what its rounds took when it last ran, so now and then a round drafts a
 length next to the chosen one, already measured and traced: one timed in a slow spell of the
@@ -54,6 +55,12 @@ MIN_GAIN = 0.1
 # once: it has to win it back within the next TRACE_HORIZON tokens (or the rest of the answer).
 # A first answer that tried every length traced each, a tenth of a 300-token answer here.
 TRACE_HORIZON = 256
+# ...and promise TRACE_MARGIN more than its rate with the trace paid: that rate is a guess (a cost
+# extrapolated from other lengths, acceptance at positions not reached yet taken from those
+# reached), the highest of several guesses is the one most likely to be too high, and the trace is
+# certain. Without it a fresh answer traced lengths for rounds that won nothing: a shorter one
+# while a few drafts missed, a longer one a percent ahead by its guesses.
+TRACE_MARGIN = 0.05
 # Every REFRESH_EVERY drafting rounds one drafts a length next to the chosen one (shorter and
 # longer by turns) where that length is measured and traced: on a shared machine a round of 3
 # timed in a slow spell (26 ms, next to 19 for rounds of 2) kept a fresh answer drafting 2 for
@@ -112,8 +119,9 @@ class DraftPolicy:
             # A round verifies two tokens or more: it costs a plain step at least, whatever the
             # interval of a pipelined round read late (nearly none) says.
             seconds = max(plain, costs.round_seconds(k))
-            if tracing is not None:
-                seconds += tracing(k) * emitted / horizon
+            trace = tracing(k) if tracing is not None else 0.0
+            if trace:
+                seconds = (seconds + trace * emitted / horizon) * (1 + TRACE_MARGIN)
             rates.append(emitted / seconds)
         return rates
 
@@ -123,7 +131,7 @@ class DraftPolicy:
 
     def probe_length(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
         """The drafts a parked policy's probe tries: the length it drafted last, or before it
-        has drafted, the one its estimates favour (see `_favoured`)."""
+        has drafted, the one its estimates favour (see `_favoured`); 0: none fits (`_probe`)."""
         return self._probe(self.rates(costs, limit, tracing), limit)
 
     def choose(self, costs, limit: int, tracing=None) -> int:
@@ -149,15 +157,20 @@ class DraftPolicy:
         return k
 
     def _probe(self, rates: list[float], limit: int) -> int:
-        return min(self.drafted_last, limit) or _favoured(rates)
+        """None (0) where the length drafted last does not fit before the answer's end: a shorter
+        probe would ask nothing about it, and could trace a step for a few tokens."""
+        if self.drafted_last:
+            return self.drafted_last if self.drafted_last <= limit else 0
+        return _favoured(rates)
 
     def parked(self, limit: int, may_probe: bool = True, probe: int = 1) -> int:
         """A parked round: a plain step (0), or once the wait is over a probe of `probe` drafts;
-        `may_probe`: what a probe could lose is affordable now (a probe waits for it)."""
+        `may_probe`: what a probe could lose is affordable now (a probe waits for it); `probe`
+        0: none fits before the answer's end."""
         self.probing = False
         self.parked_rounds += 1
         due = self.probe_again or self.parked_rounds >= self.probe_interval
-        if not due or not may_probe:
+        if not due or not may_probe or not probe:
             return 0
         self.parked_rounds, self.probing, self.probe_again = 0, True, False
         return min(probe, limit)
