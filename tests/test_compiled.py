@@ -85,6 +85,21 @@ def test_a_step_is_traced_once_per_shape(ckpt, monkeypatch):
     assert traced < steps.traces <= 2 * traced
 
 
+def test_an_answer_holds_the_buffer_it_ends_in_from_its_start(ckpt):
+    """A 300-token answer after a short prompt ends past the first bucket's 256 slots: its
+    buffers hold where it may end from the start, so each step shape traces once, at one buffer
+    size, not again midway; an answer that would more than double them grows them as it goes."""
+    pair = load(str(ckpt["dense"]), str(ckpt["dense-centroids"]))
+    steps = steps_for(pair.target, pair.drafter, True)
+    ids = generated_ids(pair, PROMPT, max_tokens=300, ignore_eos=True, draft_tokens=3)
+    assert ids == generated_ids(pair, PROMPT, max_tokens=300, ignore_eos=True, mtp=False)
+    mtp = [signature for signature in steps.functions if signature[0] == "round"]
+    assert {signature[-1] for signature in mtp} == {(512,)}
+    assert len(steps.functions) == steps.traces  # nothing traced twice
+    generated_ids(pair, PROMPT, max_tokens=600, ignore_eos=True, draft_tokens=3)
+    assert {signature[-1] for signature in steps.functions if signature[0] == "round"} > {(512,)}
+
+
 def test_a_fixed_k_answer_ends_without_tracing_a_shorter_round(ckpt):
     """The last round of a `-k 3` answer may have room for fewer drafts. A step of that length,
     not traced yet, would trace a graph (several plain steps' time) for its last few tokens: it

@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from ..errors import GemmaChatError
 from ..images.prompt import images_of
-from ..models.cache import SlidingWindowCache
+from ..models.cache import FullCache, SlidingWindowCache, full_slots
 from ..models.gemma4 import Model
 from ..models.rollback import DEFAULT_SLACK
 from .snapshot import Snapshot, restore, take
@@ -82,6 +82,17 @@ class Context:
         if self.snapshot is not None and self.snapshot.position > len(self.tokens):
             self.snapshot = None  # the tokens it was taken after are gone
         self.images = [b for b in self.images if b[0] < len(self.tokens)]
+
+    def make_room(self, end: int) -> None:
+        """Grow the full-attention buffers now to hold `end` positions (where an answer may end),
+        unless that would more than double them. A compiled step's shape includes its buffers, so
+        a buffer that grows during an answer traces every step shape the answer runs once more
+        (a 300-token answer after a short prompt: two to four traces, 10-40 ms each on the demo
+        pair); the slots held early cost a step masked reads of at most as many slots again."""
+        end = min(end, self.limit)
+        for c in self.cache:
+            if isinstance(c, FullCache) and c.keys is not None and full_slots(end) <= 2 * c.keys.shape[2]:
+                c.reserve(end, c.keys, c.values)
 
     def reset(self) -> None:
         self.cache = self.target.make_cache(self.slack, self.limit)

@@ -156,6 +156,8 @@ class Decoder:
         stats.earlier_baseline_seconds = earlier
         start = clock()
         logits, hidden, stats.prompt_tokens = ctx.prefill(prompt)
+        # Its end: its tokens, and the drafts of a round in flight and of one queued behind it.
+        ctx.make_room(len(ctx.tokens) + max_tokens + 2 * (self.most_drafts + 1))
         token = sampler.pick(logits[0, 0]).reshape(1, 1)
         first = token.item()
         now = clock()
