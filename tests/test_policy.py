@@ -820,3 +820,18 @@ def test_a_parked_policy_probes_the_length_it_drafted_last():
     assert policy.probe_length(costs, limit=2) == 0
     policy.parked_rounds = PARKED_PROBE_START
     assert policy.choose(costs, limit=2) == 0 and not policy.probing
+
+
+def test_a_parked_policy_probes_a_longer_length_its_estimates_favour():
+    """A policy whose last drafting round had room for one draft only (near an answer's end),
+    parked once rounds got dearer: its probes ask about rounds of 3, which its estimates favour.
+    Probes of one draft, a round that costs nearly two plain steps here, could never bring
+    drafting back."""
+    policy = DraftPolicy(max_draft=3)
+    for _ in range(30):
+        policy.observe(3, 3)
+    assert policy.choose(measured(1.0, {1: 1.6, 2: 2.1, 3: 2.6}), limit=1) == 1
+    dearer = measured(1.0, {1: 1.9, 2: 2.9, 3: 3.7})
+    assert policy.best(dearer) == 0
+    choices = [policy.choose(dearer, limit=10) for _ in range(PARKED_PROBE_START)]
+    assert choices == [0] * (PARKED_PROBE_START - 1) + [3]

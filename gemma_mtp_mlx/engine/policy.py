@@ -13,8 +13,8 @@ length next to the chosen one, already measured and traced: one timed in a slow 
 machine would otherwise never be drafted again.
 
 While parked, a round now and then drafts again so that a workload that turns predictable
-unparks: a probe drafts the length the policy drafted last (does it pay again?), or, before it
-has drafted, the length its estimates favour. A probe that misses doubles the wait for the next
+unparks: a probe drafts the length the policy drafted last (does it pay again?), or the length
+its estimates favour where that is longer. A probe that misses doubles the wait for the next
 (PARKED_PROBE_START rounds up to PARKED_PROBE_MAX), so a drafter that never hits costs next to
 nothing; a probe that hits is followed by another at once and the wait starts over: hits pay
 their own way and lift the acceptance estimate until drafting wins again, where probes spaced
@@ -130,8 +130,8 @@ class DraftPolicy:
         return _winner(self.rates(costs, limit, tracing))
 
     def probe_length(self, costs, limit: int = TRACE_HORIZON, tracing=None) -> int:
-        """The drafts a parked policy's probe tries: the length it drafted last, or before it
-        has drafted, the one its estimates favour (see `_favoured`); 0: none fits (`_probe`)."""
+        """The drafts a parked policy's probe tries: the longer of the length it drafted last
+        and the one its estimates favour (see `_favoured`); 0: none fits (`_probe`)."""
         return self._probe(self.rates(costs, limit, tracing), limit)
 
     def choose(self, costs, limit: int, tracing=None) -> int:
@@ -157,11 +157,15 @@ class DraftPolicy:
         return k
 
     def _probe(self, rates: list[float], limit: int) -> int:
-        """None (0) where the length drafted last does not fit before the answer's end: a shorter
-        probe would ask nothing about it, and could trace a step for a few tokens."""
-        if self.drafted_last:
-            return self.drafted_last if self.drafted_last <= limit else 0
-        return _favoured(rates)
+        """The longer of the length drafted last and the one the estimates favour: after a bad
+        stretch they favour one draft, which pays little even when it hits; after a round of one
+        (near an answer's end, or while a few drafts missed) the length drafted last is that one,
+        and probes of it could not bring drafting back where a round of one costs nearly two
+        plain steps. None (0) where the length drafted last does not fit before the answer's end:
+        a shorter probe would ask nothing about it, and could trace a step for a few tokens."""
+        if self.drafted_last > limit:
+            return 0
+        return max(self.drafted_last, _favoured(rates))
 
     def parked(self, limit: int, may_probe: bool = True, probe: int = 1) -> int:
         """A parked round: a plain step (0), or once the wait is over a probe of `probe` drafts;
