@@ -15,8 +15,9 @@ So a step times a round only where both readings agree:
   round and queues K again, hold a round of each: K' costs their sum less what K costs now;
 - a pipeline's last step (it queues nothing) times the round it reads, once a plain step is
   measured to tell it from an early read (below);
-- a pipeline of one round (a parked policy's probe) times it whole, built while the device
-  waited, as an eager round is.
+- a pipeline of one round (a parked policy's probe right after another: one after plain steps
+  follows a hand-over, whose time lacks the reader's work) times it whole, built while the
+  device waited, as an eager round is.
 Any other step times nothing: a pipeline's first step when it queues a second round (its
 interval holds both on the CPU backend), a change of length (the rounds after it time the new
 one), a step that traced (tracing is no round's cost), and any interval shorter than EARLY_READ
