@@ -42,7 +42,7 @@ from .context import Context
 from .costs import RowCosts, measurements_for
 from .plain import PlainSteps
 from .policy import POLICY_MAX_DRAFT
-from .round_timing import PipelineStep, RoundTiming
+from .round_timing import PipelineStep
 from .rounds import RoundPipeline
 from .sampling import Sampler
 from .speculative import Row, run_round
@@ -122,7 +122,6 @@ class Decoder:
         self.settling = 0  # the plain pipeline's steps still to run before its steps are timed
         # Compiled steps queue each round before the previous one is read (engine/rounds.py).
         self.rounds: RoundPipeline | None = None
-        self.round_timing = RoundTiming()  # what the pipeline's steps time (one per pipeline)
         self.baseline_left = 0  # plain steps still to run for the baseline measurement
         self.measuring = False  # this round is one of them
         self.plain_measuring = False  # the latest plain step was
@@ -229,22 +228,21 @@ class Decoder:
         flight and queue the next of `k` drafts first (0: none, the pipeline ends)."""
         by_row = {s.row: s for s in self.streams}
         traces, traced_seconds = self.steps.traces, self.steps.trace_seconds
-        queued = None  # the drafts of the round queued behind this one (eager rounds: none)
+        pipeline = None  # eager rounds: each read before the next is built
         if isinstance(self.steps, CompiledSteps):
             first = self.rounds is None or self.rounds.inflight is None
             if first:
                 self.rounds = RoundPipeline([s.row for s in self.streams], self.steps, k)
-                self.round_timing = RoundTiming()
-            timed = timed and self.rounds.inflight.whole
-            rows = list(self.rounds.inflight.rows)
+            pipeline = self.rounds
+            timed = timed and pipeline.inflight.whole
+            rows = list(pipeline.inflight.rows)
             # A parked policy's probe is one round: none queued behind it on its decision. Near
             # an answer's end the next round waits to be decided on what this one emits, so that
             # it drafts past no end, as an unpipelined round would not.
             probe = self.fixed_k is None and self.measurements.policy.probing
-            ahead = k <= self._room(self.rounds.inflight.k + 1) and not probe
-            k, results = self.rounds.step(k if ahead else 0)
-            queued = self.rounds.inflight.k if self.rounds.inflight is not None else 0
-            if self.rounds.inflight is None:
+            ahead = k <= self._room(pipeline.inflight.k + 1) and not probe
+            k, results = pipeline.step(k if ahead else 0)
+            if pipeline.inflight is None:
                 self.rounds = None
         else:
             rows = [s.row for s in self.streams]
@@ -255,10 +253,12 @@ class Decoder:
         # is no round's cost; a pipeline's step times the round engine/round_timing.py says.
         traced = self.steps.traces != traces
         plain = costs.current_plain
-        timing = (k, end - self.last_end) if timed and not traced else None
-        if queued is not None:
+        if pipeline is None:
+            timing = (k, end - self.last_end) if timed and not traced else None
+        else:
+            queued = pipeline.inflight.k if pipeline.inflight is not None else 0
             step = PipelineStep(k, queued, end - self.last_end, first, timed, traced)
-            timing = self.round_timing.round_of(
+            timing = pipeline.timing.round_of(
                 step, lambda j: costs.round_now(j) if j in costs.rounds else None, plain
             )
         if timing is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..models.cache import SlidingWindowCache
+from .round_timing import RoundTiming
 from .speculative import RoundOutputs, RoundResult, Row
 
 
@@ -43,6 +44,7 @@ class RoundPipeline:
         """Queue a round of `k` drafts for `rows` (compiled `steps`)."""
         self.rows = list(rows)
         self.steps = steps
+        self.timing = RoundTiming()  # which round each step's interval holds
         tokens = mx.concatenate([r.token.reshape(1, 1) for r in self.rows])
         hidden = mx.concatenate([r.hidden for r in self.rows])
         offsets = mx.array([len(r.ctx.tokens) for r in self.rows], dtype=mx.int32)
