@@ -1,15 +1,17 @@
 """The draft policy against fixed draft lengths, on a clock that only this script moves.
 
-    .venv/bin/python scripts/policy_sim.py [--per-draft 0.37] [--trace 0.7] [--trace-per-draft 0.45]
-        [--tokens 300] [--noise 0.15 --seed 1] [--stored]
+    .venv/bin/python scripts/policy_sim.py [--round-fixed 0.05] [--per-draft 0.37] [--trace 0.7]
+        [--trace-per-draft 0.45] [--tokens 300] [--noise 0.15 --seed 1] [--stored] [--queued]
 
 On a busy machine the same answer twice differs by more than the policy's shortfall, so the pair
 bench cannot tell a better policy from a luckier run. Here the engine decodes for real (the
 demo pair, compiled steps, the real decoder with its baseline measurements, loss budget and
 probes), but time passes only as this script says: a plain step costs STEP, a round of K drafts
-STEP x (1 + ROUND_FIXED + per_draft x K), tracing a compiled step's graph (its first call of a
+STEP x (1 + round_fixed + per_draft x K), tracing a compiled step's graph (its first call of a
 shape: a fresh process's, or a context outgrowing its buffer) `trace` + `trace_per_draft` x K
-plain steps (a round's graph holds K drafter steps), the reader READ per chunk. With `--noise`,
+plain steps (a round's graph holds K drafter steps), the reader READ per chunk. Each forward is
+paid once, when it is read (a device that runs ahead of the host), or with `--queued` when it is
+queued, as MLX's CPU backend runs it (engine/round_timing.py). With `--noise`,
 every step and round costs that times the machine's speed of the moment, a random walk that
 reverts within some ten steps (the slow and fast spells of a shared machine: the policy times a
 length in one and goes by it in another), the same walk in every answer from its start. Drafts
@@ -51,7 +53,7 @@ from gemma_mtp_mlx.engine.steps import CompiledSteps  # noqa: E402
 from gemma_mtp_mlx.tools.bench.simulated import Proposals, SimulatedDrafter  # noqa: E402
 from gemma_mtp_mlx.tools.bench.workloads import workloads  # noqa: E402
 
-STEP, ROUND_FIXED, READ = 0.01, 0.05, 0.0005
+STEP, READ = 0.01, 0.0005
 
 
 class MachineSpeed:
@@ -90,25 +92,54 @@ class Clock:
 
 
 def simulate_time(
-    clock: Clock, per_draft: float, trace: float, trace_per_draft: float, speed: MachineSpeed
+    clock: Clock, round_fixed: float, per_draft: float, trace: float, trace_per_draft: float,
+    speed: MachineSpeed, queued: bool = False,
 ) -> None:
+    """Every forward costs its time once: a plain step's, or a round's. `queued`: as MLX's CPU
+    backend runs (engine/round_timing.py), a forward's time passes when it is queued, so a
+    pipeline's first step holds two and its last read comes early; else as a device that runs
+    ahead of the host, when it is read (a plain pipeline's queued token handed over to a round
+    included: its forward ran)."""
     real_plain, real_round, real_step = PlainSteps.step, decode.run_round, RoundPipeline.step
+    real_feed, real_queue = PlainSteps._feed, RoundPipeline._queue
+    real_hand_over = PlainSteps.hand_over
     real_function = CompiledSteps._function
+
+    def plain_cost():
+        clock.now += STEP * speed()
+
+    def round_cost(k):
+        clock.now += STEP * (1 + round_fixed + per_draft * k) * speed()
 
     def plain_step(steps):
         out = real_plain(steps)
-        clock.now += STEP * speed()
+        plain_cost()
+        return out
+
+    def hand_over(steps):
+        out = real_hand_over(steps)
+        plain_cost()
+        return out
+
+    def feed(steps, tokens):
+        out = real_feed(steps, tokens)
+        plain_cost()
         return out
 
     def run_round(rows, steps, k):
         out = real_round(rows, steps, k)
-        clock.now += STEP * (1 + ROUND_FIXED + per_draft * k) * speed()
+        round_cost(k)
         return out
 
     def pipeline_step(pipeline, k_next):
         k, results = real_step(pipeline, k_next)
-        clock.now += STEP * (1 + ROUND_FIXED + per_draft * k) * speed()
+        round_cost(k)
         return k, results
+
+    def queue(pipeline, k, start):
+        out = real_queue(pipeline, k, start)
+        round_cost(k)
+        return out
 
     def function(steps, signature, *args):
         compiled = real_function(steps, signature, *args)
@@ -125,7 +156,12 @@ def simulate_time(
 
     decode.clock = clock
     steps_module.clock = lambda: clock.now  # (reading it costs nothing: the trace is added above)
-    PlainSteps.step, decode.run_round, RoundPipeline.step = plain_step, run_round, pipeline_step
+    decode.run_round = run_round
+    if queued:
+        PlainSteps._feed, RoundPipeline._queue = feed, queue
+    else:
+        PlainSteps.step, PlainSteps.hand_over = plain_step, hand_over
+        RoundPipeline.step = pipeline_step
     CompiledSteps._function = function
     # Every answer starts from what this process learned, never from a file of earlier runs.
     stored_costs.CostStore.open = classmethod(lambda cls, *args, **kwargs: None)
@@ -219,6 +255,9 @@ def stored_file_runs(clock, speed, pair, recorded, n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--round-fixed", type=float, default=0.05, help="plain steps a round costs beyond one"
+    )
     parser.add_argument("--per-draft", type=float, default=0.37)
     parser.add_argument(
         "--trace", type=float, default=0.7, help="plain steps a plain step's trace takes"
@@ -232,12 +271,16 @@ def main() -> None:
     parser.add_argument(
         "--stored", action="store_true", help="fresh processes sharing a stored file instead"
     )
+    parser.add_argument(
+        "--queued", action="store_true", help="a forward's time passes when queued (MLX's CPU)"
+    )
     args = parser.parse_args()
     pair = load("demo")
     clock = Clock()
     # First: the recording measures its baseline on this clock too.
     speed = MachineSpeed(clock, args.noise, args.seed)
-    simulate_time(clock, args.per_draft, args.trace, args.trace_per_draft, speed)
+    prices = args.round_fixed, args.per_draft, args.trace, args.trace_per_draft
+    simulate_time(clock, *prices, speed, args.queued)
     recorded = {
         w.name: (w.prompt, *hits_of(pair, w.prompt, args.tokens))
         for w in workloads(pair, args.tokens)
