@@ -111,6 +111,18 @@ def device(clock, monkeypatch):
     return set_device
 
 
+def fresh_hitting_pair(pairs, n: int):
+    """The dense pair with a drafter whose every draft hits in an `n`-token answer to PROMPT,
+    and nothing learned for it yet."""
+    pair = pairs[("dense", False)]
+    plain = [t for c in generate(pair, PROMPT, max_tokens=n, ignore_eos=True, mtp=False) for t in c.token_ids]
+    pair = hitting(pair, PROMPT + plain, np.ones(len(PROMPT) + n, dtype=bool))
+    m = measurements_for(pair.target, pair.drafter, pair.compile)
+    m.by_rows.clear()
+    m.policy, m.budget = DraftPolicy(), LossBudget()
+    return pair
+
+
 @pytest.mark.parametrize("reading", ["read", "queued"])
 def test_the_policy_learns_each_length_s_own_cost_whichever_round_an_interval_holds(pairs, clock, device, reading):
     """Every draft hits, and longer rounds pay: the policy climbs length by length and, once
@@ -118,13 +130,8 @@ def test_the_policy_learns_each_length_s_own_cost_whichever_round_an_interval_ho
     interval holds, every length it ran costs what its rounds take. (Held against the round
     read alone, the CPU backend's reading gave each new length the old one's time and swapped
     the neighbour's with the chosen length's.)"""
-    pair = pairs[("dense", False)]
     n = 400
-    plain = [t for c in generate(pair, PROMPT, max_tokens=n, ignore_eos=True, mtp=False) for t in c.token_ids]
-    pair = hitting(pair, PROMPT + plain, np.ones(len(PROMPT) + n, dtype=bool))
-    m = measurements_for(pair.target, pair.drafter, pair.compile)
-    m.by_rows.clear()
-    m.policy, m.budget = DraftPolicy(), LossBudget()
+    pair = fresh_hitting_pair(pairs, n)
     clock.tick = 0.0  # the device's time alone
 
     def round_seconds(k):
@@ -135,7 +142,23 @@ def test_the_policy_learns_each_length_s_own_cost_whichever_round_an_interval_ho
     drafted = [c.round.drafted for c in chunks[1:] if c.round.drafted]
     longest = max(drafted)
     assert longest >= 4 and drafted.count(longest - 1) >= n // (8 * REFRESH_EVERY)
-    costs = m.rows(1)
+    costs = measurements_for(pair.target, pair.drafter, pair.compile).rows(1)
     assert set(costs.rounds) >= set(range(2, longest + 1))
     for k, seconds in costs.rounds.items():
         assert seconds == pytest.approx(round_seconds(k), rel=0.01), (k, costs.rounds)
+
+
+@pytest.mark.parametrize("reading", ["read", "queued"])
+def test_a_short_first_answer_s_meter_holds_its_rounds_against_the_plain_step(pairs, clock, device, reading):
+    """Nothing learned yet: a fixed K measures its plain step after its first rounds, and its
+    plain/round ratio is known only some rounds into the pipeline after that. The meter's
+    baseline is plain decoding's speed all the same. (Credited from the ratio's coming on, the
+    rounds held a round's work less than they were credited under the CPU backend's reading:
+    the round read then ran in the step before, and a pipeline's last read is early; here the
+    baseline read 23 % high.)"""
+    n = 48
+    pair = fresh_hitting_pair(pairs, n)
+    clock.tick = 0.0
+    device(reading, 0.01, lambda k: 0.01 * (1.2 + 0.3 * k))
+    stats = list(generate(pair, PROMPT, max_tokens=n, ignore_eos=True, draft_tokens=1))[-1].stats
+    assert stats.baseline_tokens_per_second == pytest.approx(100.0, rel=0.02)

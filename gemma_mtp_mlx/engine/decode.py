@@ -19,7 +19,8 @@ after it was measured (`RowCosts.stale`). If not, the next rounds are plain step
 those rounds' missed drafting, and only when the machine or the context has changed. Parked
 rounds are samples too. Each round carries the plain steps its time is worth (a steady plain
 step one, a round of K the inverse of K's measured plain/round ratio), from which each answer's
-meter takes its baseline; an answer with none of those shows the pair's plain step now
+meter takes its baseline (a round pipeline's rounds once more as a whole when it ends, by the
+ratios known then); an answer with none of those shows the pair's plain step now
 (`RowCosts.current_plain`), and says so. Counting rounds rather than tokens keeps the rows of a
 batch on the schedule each would have alone (they start together and share every round).
 
@@ -34,7 +35,7 @@ What the pair learned is written at the end of an answer (`close`), for the next
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..errors import GemmaChatError
 from ..models.rollback import max_draft_tokens
@@ -75,6 +76,9 @@ class Stream:
     rounds_to_baseline: int  # rounds before its baseline is checked (again)
     emitted: int = 0
     finish_reason: str | None = None  # "stop" or "length" once finished
+    # Its rounds in the round pipeline running now: (K, seconds, plain steps credited, the
+    # plain steps a trace in it took), held against the plain step anew when it ends.
+    piped: list[tuple[int, float, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +184,7 @@ class Decoder:
     def remove(self, stream: Stream) -> None:
         """Stop decoding `stream` now (its reader went away); its cache keeps what it emitted."""
         if stream in self.streams:
+            _settle_pipeline(stream, self.measurements.rows(len(self.streams)))
             self._drop_from_pipelines(stream.row)
             self.streams.remove(stream)
 
@@ -192,6 +197,9 @@ class Decoder:
             self.unsaved = False
 
     def _close_pipelines(self) -> None:
+        costs = self.measurements.rows(len(self.streams)) if self.streams else None
+        for s in self.streams:
+            _settle_pipeline(s, costs)
         for pipeline in (self.plain, self.rounds):
             if pipeline is not None:
                 pipeline.close()
@@ -273,16 +281,21 @@ class Decoder:
             tokens = sum(len(r.tokens) for r in results) / len(results)
             self.measurements.budget.settle(tokens, (end - self.last_end) / plain - tokens)
         ratio = costs.plain_ratio(k)  # a round of K is worth 1 / ratio plain steps
-        worth = 1 / ratio if ratio else 0.0
-        if worth and traced and plain is not None:
-            # Plain decoding traces its own steps, never a round's: it would have decoded
-            # through the time this round's graph took to trace.
-            worth += (self.steps.trace_seconds - traced_seconds) / plain
+        # Plain decoding traces its own steps, never a round's: it would have decoded through
+        # the time this round's graph took to trace.
+        tracing = (self.steps.trace_seconds - traced_seconds) / plain if traced and plain else 0.0
+        worth = 1 / ratio + tracing if ratio else 0.0
         rounds = [
             (s, r.tokens, RoundStats(k, r.accepted, plain_steps=worth))
             for s, r in zip(streams, results)
         ]
-        return self._emit(rounds, end)
+        out = self._emit(rounds, end)
+        if pipeline is not None:
+            for e in out:
+                e.stream.piped.append((k, e.round.seconds, worth, tracing))
+                if e.finish_reason or pipeline.inflight is None:
+                    _settle_pipeline(e.stream, costs)
+        return out
 
     def _draft_length(self, costs: RowCosts) -> int:
         """K for the next round; 0 is a plain step, also while the baseline is being measured
@@ -401,3 +414,21 @@ class Decoder:
         s.emitted += len(tokens)
         s.stats.generated_tokens = s.emitted
         return tokens
+
+
+def _settle_pipeline(stream: Stream, costs: RowCosts) -> None:
+    """Hold the stream's rounds of the round pipeline that ended (for it) against the plain step
+    as a whole, by the plain/round ratios known now. A pipeline's intervals add up to its
+    rounds' work whichever round each holds (engine/round_timing.py), but a part of them need
+    not: on MLX's CPU backend the round read when a K's ratio comes ran in the step before,
+    uncredited, and the pipeline's last read comes early, so the rounds credited from then on
+    are worth a round more than their time holds, which a short answer's baseline shows. Where
+    a K of them still has no ratio, what was credited stays."""
+    rounds, stream.piped = stream.piped, []
+    ratios = {k: costs.plain_ratio(k) for k, *_ in rounds}
+    if not rounds or not all(ratios.values()):
+        return
+    stats = stream.stats
+    for k, seconds, credited, tracing in rounds:
+        stats.baseline_steps += 1 / ratios[k] + tracing - credited
+        stats.baseline_seconds += seconds if not credited else 0.0
