@@ -149,16 +149,16 @@ def test_the_policy_learns_each_length_s_own_cost_whichever_round_an_interval_ho
 
 
 @pytest.mark.parametrize("reading", ["read", "queued"])
-def test_a_short_first_answer_s_meter_holds_its_rounds_against_the_plain_step(pairs, clock, device, reading):
+@pytest.mark.parametrize("n, k", [(48, 1), (120, 3)])
+def test_a_short_first_answer_s_meter_holds_its_rounds_against_the_plain_step(pairs, clock, device, reading, n, k):
     """Nothing learned yet: a fixed K measures its plain step after its first rounds, and its
     plain/round ratio is known only some rounds into the pipeline after that. The meter's
     baseline is plain decoding's speed all the same. (Credited from the ratio's coming on, the
     rounds held a round's work less than they were credited under the CPU backend's reading:
     the round read then ran in the step before, and a pipeline's last read is early; here the
-    baseline read 23 % high.)"""
-    n = 48
+    baseline read 23 % and 7 % high.)"""
     pair = fresh_hitting_pair(pairs, n)
     clock.tick = 0.0
-    device(reading, 0.01, lambda k: 0.01 * (1.2 + 0.3 * k))
-    stats = list(generate(pair, PROMPT, max_tokens=n, ignore_eos=True, draft_tokens=1))[-1].stats
+    device(reading, 0.01, lambda drafts: 0.01 * (1.2 + 0.3 * drafts))
+    stats = list(generate(pair, PROMPT, max_tokens=n, ignore_eos=True, draft_tokens=k))[-1].stats
     assert stats.baseline_tokens_per_second == pytest.approx(100.0, rel=0.02)
