@@ -100,46 +100,23 @@ def simulate_time(
     pipeline's first step holds two and its last read comes early; else as a device that runs
     ahead of the host, when it is read (a plain pipeline's queued token handed over to a round
     included: its forward ran)."""
-    real_plain, real_round, real_step = PlainSteps.step, decode.run_round, RoundPipeline.step
-    real_feed, real_queue = PlainSteps._feed, RoundPipeline._queue
-    real_hand_over = PlainSteps.hand_over
     real_function = CompiledSteps._function
 
-    def plain_cost():
-        clock.now += STEP * speed()
+    def paid(real, steps_of):
+        """`real`, after which the clock moves by `steps_of(args, out)` plain steps."""
 
-    def round_cost(k):
-        clock.now += STEP * (1 + round_fixed + per_draft * k) * speed()
+        def call(*args):
+            out = real(*args)
+            clock.now += STEP * steps_of(args, out) * speed()
+            return out
 
-    def plain_step(steps):
-        out = real_plain(steps)
-        plain_cost()
-        return out
+        return call
 
-    def hand_over(steps):
-        out = real_hand_over(steps)
-        plain_cost()
-        return out
+    def one(args, out):
+        return 1.0
 
-    def feed(steps, tokens):
-        out = real_feed(steps, tokens)
-        plain_cost()
-        return out
-
-    def run_round(rows, steps, k):
-        out = real_round(rows, steps, k)
-        round_cost(k)
-        return out
-
-    def pipeline_step(pipeline, k_next):
-        k, results = real_step(pipeline, k_next)
-        round_cost(k)
-        return k, results
-
-    def queue(pipeline, k, start):
-        out = real_queue(pipeline, k, start)
-        round_cost(k)
-        return out
+    def round_of(k):
+        return 1 + round_fixed + per_draft * k
 
     def function(steps, signature, *args):
         compiled = real_function(steps, signature, *args)
@@ -156,12 +133,14 @@ def simulate_time(
 
     decode.clock = clock
     steps_module.clock = lambda: clock.now  # (reading it costs nothing: the trace is added above)
-    decode.run_round = run_round
+    decode.run_round = paid(decode.run_round, lambda args, out: round_of(args[2]))  # (rows, steps, k)
     if queued:
-        PlainSteps._feed, RoundPipeline._queue = feed, queue
+        PlainSteps._feed = paid(PlainSteps._feed, one)
+        RoundPipeline._queue = paid(RoundPipeline._queue, lambda args, out: round_of(args[1]))  # (self, k, start)
     else:
-        PlainSteps.step, PlainSteps.hand_over = plain_step, hand_over
-        RoundPipeline.step = pipeline_step
+        PlainSteps.step = paid(PlainSteps.step, one)
+        PlainSteps.hand_over = paid(PlainSteps.hand_over, one)
+        RoundPipeline.step = paid(RoundPipeline.step, lambda args, out: round_of(out[0]))  # -> (k, results)
     CompiledSteps._function = function
     # Every answer starts from what this process learned, never from a file of earlier runs.
     stored_costs.CostStore.open = classmethod(lambda cls, *args, **kwargs: None)
