@@ -187,9 +187,27 @@ def test_a_steep_measured_slope_never_prices_a_round_below_a_plain_step():
     costs.observe_plain(1.0)
     costs.observe_round(3, 2.9)
     costs.observe_round(2, 1.1)
-    assert costs.round_seconds(1) == 1.0
+    assert costs.round_seconds(1) == pytest.approx(1.05)  # halfway from a plain step to K = 2
     policy = DraftPolicy()
     assert policy.choose(costs, limit=6) in range(7)
+
+
+def test_a_shorter_round_is_never_priced_below_the_line_from_a_plain_step():
+    """Recorded in a fresh answer on the development VM: rounds of 2 and 3 drafts measured 2.3
+    and 3.39 plain steps (a slope of 1.09 against about 0.6 in steady runs), the line through them
+    priced a round of one draft at 1.21 plain steps, and after one round of 3 that missed the
+    policy traced and ran rounds of one draft, which cost 2.1 plain steps there. A round's fixed
+    part costs a plain step at least, so a shorter round costs no less than the line from a plain
+    step (K = 0) to the shortest round measured."""
+    costs = RowCosts()
+    costs.observe_plain(1.0)
+    costs.observe_round(2, 2.3)
+    costs.observe_round(3, 3.39)
+    assert costs.round_seconds(1) == pytest.approx(1.65)
+    policy = DraftPolicy()
+    policy.accepted = [0.77 * 20, 0.94 * 20, 0.96 * 20, 0.0, 0.0, 0.0]
+    policy.seen = [20.0, 20.0, 20.0, 0.0, 0.0, 0.0]
+    assert policy.best(costs) == 0  # 1.77 tokens for 1.65 plain steps: under MIN_GAIN
 
 
 def test_a_longer_round_measured_cheaper_does_not_make_deeper_drafts_free():

@@ -11,10 +11,11 @@ Per number of rows decoded together (B):
 - `rounds[K]`: a speculative round with K drafts: drafting, verifying K + 1 tokens, accepting,
   committing, and the reader's work.
 Draft lengths not run yet are interpolated between those run, or extrapolated along the slope
-of the nearest two; with one run so far, a modest slope (a draft step and one more verified
-token: memory-bound on a Mac, a fraction of a plain step) that is optimistic on purpose: the
-policy then tries the longer round and learns what it costs. All are exponentially decayed
-averages, so they follow the context as it grows.
+of the nearest two (a shorter one never below the line from a plain step to the shortest run);
+with one run so far, a modest slope (a draft step and one more verified token: memory-bound on a
+Mac, a fraction of a plain step) that is optimistic on purpose: the policy then tries the longer
+round and learns what it costs. All are exponentially decayed averages, so they follow the
+context as it grows.
 
 The plain step is only measured now and then (while drafting, plain steps are extra work): a
 few steps, a burst of a few dozen milliseconds, which on a busy machine lands in a slow or a
@@ -245,9 +246,15 @@ class RowCosts:
             # (a longer round measured cheaper is noise: past it, drafts are not free)
             slope = (rounds[near[1]] - rounds[near[0]]) / (near[1] - near[0])
         j = near[-1] if below else near[0]
-        # A round with drafts costs at least a plain step (its verify is a forward of 2+ tokens);
-        # extrapolating down a steep, noisy slope could otherwise reach zero.
-        return max(plain, rounds[j] + slope * (k - j))
+        estimate = rounds[j] + slope * (k - j)
+        if not below:
+            # Shorter than any round measured: a round's fixed part (the verify, the reading) costs
+            # a plain step at least, so its cost lies on or above the line from a plain step at
+            # K = 0 to the shortest round. Down a steep, noisy slope a round of one draft priced
+            # near a plain step was traced and run where it cost 1.7 plain steps.
+            estimate = max(estimate, plain + (rounds[j] - plain) * k / j)
+        # A round with drafts costs at least a plain step (its verify is a forward of 2+ tokens).
+        return max(plain, estimate)
 
 
 class Measurements:
