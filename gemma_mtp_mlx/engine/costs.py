@@ -36,11 +36,12 @@ What a pair has learned outlives the process (engine/stored_costs.py): a fresh p
 from the plain step, the pooled ratios, the round costs and what rounds cost just after that plain
 step (`settled`), as the last one left them (`carried`). Its warm rounds are held against those,
 so the drift rule measures again where this process differs; a carried plain step goes into no
-ratio with this process's rounds. A ratio resting on fewer than POOL measurements is measured
-once more by each process that drafts its K, until it rests on POOL: one process's unlucky
-moment must not count the rounds of every process after it. Carried round costs were timed in
-that process's moment: the lengths this process runs say how much slower or faster the machine
-runs now, and those it has not run yet (and the plain step, through their ratios) move with them.
+ratio with this process's rounds. A ratio resting on fewer than POOL measurements, or on POOL
+that disagree by more than DRIFT, is measured once more by each process that drafts its K, until
+it rests on POOL that agree: one process's unlucky moment must not count the rounds of every
+process after it. Carried round costs were timed in that process's moment: the lengths this
+process runs say how much slower or faster the machine runs now, and those it has not run yet
+(and the plain step, through their ratios) move with them.
 
 Rounds are timed whole. The draft part alone cannot be read reliably: MLX's CPU backend
 evaluates a large queued graph before `async_eval` returns, so "drafts done" would include the
@@ -177,16 +178,20 @@ class RowCosts:
         pool = self.ratios.get(k)
         return median(pool) if pool else None
 
+    def pool_settled(self, k: int) -> bool:
+        """K's ratio rests on POOL measurements that agree within DRIFT."""
+        pool = self.ratios.get(k, ())
+        return len(pool) == POOL and max(pool) <= min(pool) * (1 + DRIFT)
+
     @property
     def stale(self) -> bool:
         """No plain step measured yet, only a provisional one, rounds that no longer cost what
-        they did just after it, or a carried plain step where this process runs a K whose ratio
-        rests on fewer than POOL measurements: one unlucky measurement in an earlier process
-        would otherwise count every later process's rounds, the drift rule watching the rounds
-        alone."""
+        they did just after it, or a carried plain step where this process runs a K whose pool is
+        not settled: one unlucky measurement in an earlier process would otherwise count every
+        later process's rounds, the drift rule watching the rounds alone."""
         if self.plain is None or self.provisional:
             return True
-        if self.carried and any(len(self.ratios.get(k, ())) < POOL for k in self.since_plain):
+        if self.carried and not all(self.pool_settled(k) for k in self.since_plain):
             return True
         return any(
             abs(self.since_plain[k] / then - 1) > DRIFT

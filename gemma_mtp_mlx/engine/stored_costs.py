@@ -220,6 +220,7 @@ def snapshot(m: Measurements) -> dict:
             "rounds": {str(k): s for k, s in c.rounds_now.items()},
             "settled": {str(k): s for k, s in c.settled.items()},
             "ratios": {str(k): list(pool) for k, pool in c.ratios.items()},
+            "doubted": {str(k): r for k, r in c.doubted.items()},
         }
     policy = {"accepted": m.policy.accepted, "seen": m.policy.seen,
               "budget": {"balance": m.budget.balance, "lowest": m.budget.lowest}}
@@ -265,6 +266,10 @@ def _row(row: dict) -> RowCosts:
         c.ratios[_k(k)] = deque((_positive(r) for r in pool), maxlen=POOL)
     if not c.ratios.keys() <= c.rounds.keys():  # a ratio is a plain step over rounds of its K
         raise ValueError("ratios")
+    # A doubted ratio waits for the next measurement, which may come in the next process: one
+    # that agrees with it pools both. Forgotten with its process, a pool of one unlucky ratio
+    # doubted every later process's own measurement and stayed as it was.
+    c.doubted = {_k(k): _positive(r) for k, r in row.get("doubted", {}).items()}
     return c
 
 
