@@ -160,9 +160,10 @@ class RowCosts:
                 self._pool_ratio(k, self.plain / self.settled[k])
 
     def _pool_ratio(self, k: int, ratio: float) -> None:
-        """A ratio 2 x DRIFT from the pool's is doubted: measured again at the next check, and
-        pooled only if that one agrees with it (then both are). On a busy machine a burst of
-        plain steps can run at half speed while the rounds around it do not."""
+        """A ratio 2 x DRIFT from the pool's is doubted: measured again at the next check (the
+        next process's, where this one ends first: the doubt is stored), and pooled only if that
+        one agrees with it (then both are). On a busy machine a burst of plain steps can run at
+        half speed while the rounds around it do not."""
         pool = self.ratios.setdefault(k, deque(maxlen=POOL))
         doubted = self.doubted.pop(k, None)
         if doubted is not None and abs(ratio / doubted - 1) <= 2 * DRIFT:
@@ -255,8 +256,8 @@ class RowCosts:
         if not below:
             # Shorter than any round measured: a round's fixed part (the verify, the reading) costs
             # a plain step at least, so its cost lies on or above the line from a plain step at
-            # K = 0 to the shortest round. Down a steep, noisy slope a round of one draft priced
-            # near a plain step was traced and run where it cost 1.7 plain steps.
+            # K = 0 to the shortest round, where a steep, noisy slope would price it near a plain
+            # step (and the policy trace and run rounds that cost twice that).
             estimate = max(estimate, plain + (rounds[j] - plain) * k / j)
         # A round with drafts costs at least a plain step (its verify is a forward of 2+ tokens).
         return max(plain, estimate)
