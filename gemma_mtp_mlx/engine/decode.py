@@ -428,7 +428,5 @@ def _settle_pipeline(stream: Stream, costs: RowCosts) -> None:
     ratios = {k: costs.plain_ratio(k) for k, *_ in rounds}
     if not rounds or not all(ratios.values()):
         return
-    stats = stream.stats
     for k, seconds, credited, tracing in rounds:
-        stats.baseline_steps += 1 / ratios[k] + tracing - credited
-        stats.baseline_seconds += seconds if not credited else 0.0
+        stream.stats.recredit(seconds, credited, 1 / ratios[k] + tracing)

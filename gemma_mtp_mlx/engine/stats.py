@@ -63,6 +63,13 @@ class GenerationStats:
             self.baseline_steps += r.plain_steps
             self.baseline_seconds += r.seconds
 
+    def recredit(self, seconds: float, credited: float, worth: float) -> None:
+        """A round of `seconds` credited `credited` plain steps (0: none, its time left out of
+        the baseline too) is now worth `worth`."""
+        self.baseline_steps += worth - credited
+        if not credited:
+            self.baseline_seconds += seconds
+
     @property
     def acceptance_rate(self) -> float | None:
         return self.accepted / self.drafted if self.drafted else None
